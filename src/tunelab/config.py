@@ -1,0 +1,222 @@
+"""Every option of every command, declared once: type, default, help.
+
+Each command's options are a dataclass; its CLI flags (`--batch-size`) and YAML keys
+(`batch_size`, or `batch-size`) come from the field names. Values merge as
+defaults < config file (`-c`) < command line. Flags default to "not given", so a value from
+the config file is never silently replaced by a flag's default. Unknown keys, wrong types
+and contradictions are all gathered and reported at once.
+"""
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tunelab.errors import UserError
+
+DEFAULT_MODEL = "smollm2"
+
+
+def opt(default, help, *, kind=None, short=None, choices=None, metavar=None):
+    """Declare one option. `kind` is the value type (inferred from the default when omitted)."""
+    kind = kind or (type(default) if default is not None else str)
+    return field(
+        default=default,
+        metadata={"help": help, "kind": kind, "short": short, "choices": choices, "metavar": metavar},
+    )
+
+
+def list_of_str(text):
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@dataclass
+class PrepareOptions:
+    source: str = opt(
+        "builtin:sql",
+        "Where rows come from: a Hugging Face dataset id (e.g. b-mc2/sql-create-context), "
+        "a local .jsonl/.json/.csv/.parquet file, or builtin:sql (text-to-SQL rows generated here).",
+    )
+    out: str = opt("data", "Folder to write train.jsonl, valid.jsonl and test.jsonl into.", short="-o")
+    split: str = opt("train", "Split of a Hugging Face dataset to read.")
+    system: str = opt(
+        "You are an text to SQL query translator. Users will ask you questions in English and you "
+        "will generate a SQL query based on the provided SCHEMA.\nSCHEMA:\n{context}",
+        "System message template; {field} inserts a source field. Empty string: no system message.",
+    )
+    user: str = opt("{question}", "User message template.")
+    assistant: str = opt("{answer}", "Assistant message template.")
+    num_rows: int = opt(150, "Rows to select after shuffling (-1: all).")
+    valid_rows: int = opt(25, "Rows for valid.jsonl.")
+    test_rows: int = opt(25, "Rows for test.jsonl; the rest go to train.jsonl.")
+    seed: int = opt(0, "Seed for the shuffle (and for builtin:sql's generator).")
+    overwrite: bool = opt(False, "Replace an existing output folder.")
+
+
+@dataclass
+class LoraOptions:
+    model: str = opt(DEFAULT_MODEL, "Model: a Hugging Face repo id, a local folder, a .gguf file, or "
+                     "'smollm2' (the embedded SmolLM2-135M-Instruct).")
+    data: str = opt("data", "Folder with train.jsonl and valid.jsonl (for --train) and test.jsonl (for --test).")
+    train: bool = opt(False, "Train an adapter.")
+    test: bool = opt(False, "Report loss and perplexity on test.jsonl.")
+    fine_tune_type: str = opt("lora", "Type of fine-tuning.", choices=["lora"])
+    mask_prompt: bool = opt(False, "Train only on the completion: the last assistant message of chat rows.")
+    num_layers: int = opt(16, "Number of final layers to train (-1: all).")
+    batch_size: int = opt(4, "Rows per step.")
+    iters: int = opt(1000, "Training steps.")
+    val_batches: int = opt(25, "Validation batches per evaluation (-1: the whole valid set).")
+    test_batches: int = opt(500, "Test batches (-1: the whole test set).")
+    learning_rate: float = opt(1e-5, "Adam learning rate.")
+    steps_per_report: int = opt(10, "Steps between training-loss reports.")
+    steps_per_eval: int = opt(200, "Steps between validation-loss evaluations.")
+    save_every: int = opt(100, "Save the adapter every N steps.")
+    adapter_path: str = opt("adapters", "Folder for the adapter, its config and metrics.jsonl (the run folder).")
+    max_seq_length: int = opt(2048, "Longest row in tokens; longer rows are truncated (and counted).")
+    seed: int = opt(0, "Random seed (adapter init, batch order).")
+    lora_rank: int = opt(8, "LoRA rank r.")
+    lora_scale: float = opt(20.0, "LoRA scale (PEFT's lora_alpha / r).")
+    lora_dropout: float = opt(0.0, "LoRA dropout.")
+    lora_keys: list = opt(None, "Comma-separated module names inside a block to adapt, e.g. "
+                          "self_attn.q_proj,self_attn.v_proj (default: every linear layer).",
+                          kind=list_of_str, metavar="KEYS")
+    device: str = opt("auto", "Compute device.", choices=["auto", "cpu", "cuda", "mps"])
+    dtype: str = opt("auto", "Compute dtype (auto: float32 on CPU, bfloat16 where the GPU has it).",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+
+
+@dataclass
+class FuseOptions:
+    model: str = opt(DEFAULT_MODEL, "Base model the adapter was trained on.")
+    adapter_path: str = opt("adapters", "Adapter folder.")
+    save_path: str = opt("fused_model", "Folder to write the merged model into.")
+    device: str = opt("auto", "Compute device.", choices=["auto", "cpu", "cuda", "mps"])
+
+
+@dataclass
+class GenerateOptions:
+    model: str = opt(DEFAULT_MODEL, "Model: repo id, local or fused folder, .gguf file, or 'smollm2'.")
+    adapter_path: str = opt(None, "Optional adapter folder to apply.")
+    prompt: str = opt("Hello", "Prompt; '-' reads it from standard input.", short="-p")
+    system_prompt: str = opt(None, "System message (chat template only).")
+    ignore_chat_template: bool = opt(False, "Send the prompt as raw text, without the chat template.")
+    max_tokens: int = opt(256, "Maximum tokens to generate.", short="-m")
+    temp: float = opt(0.0, "Sampling temperature (0: greedy).")
+    top_p: float = opt(1.0, "Nucleus sampling threshold.")
+    seed: int = opt(0, "Sampling seed.")
+    device: str = opt("auto", "Compute device.", choices=["auto", "cpu", "cuda", "mps"])
+
+
+@dataclass
+class DemoOptions:
+    out: str = opt("tunelab-demo", "Folder for the demo's data, adapter and fused model.")
+    model: str = opt(DEFAULT_MODEL, "Model to fine-tune.")
+    iters: int = opt(300, "Training steps.")
+    learning_rate: float = opt(1e-4, "Adam learning rate.")
+    num_layers: int = opt(4, "Number of final layers to train.")
+    seed: int = opt(0, "Seed for data and training.")
+
+
+COMMAND_OPTIONS = {
+    "prepare": PrepareOptions,
+    "lora": LoraOptions,
+    "fuse": FuseOptions,
+    "generate": GenerateOptions,
+    "demo": DemoOptions,
+}
+
+# mlx-lm config files nest LoRA settings; they map onto the flat fields above.
+_NESTED_KEYS = {"lora_parameters": {"rank": "lora_rank", "scale": "lora_scale",
+                                    "dropout": "lora_dropout", "keys": "lora_keys"}}
+
+
+def add_arguments(parser, options_cls):
+    """Add one flag per field of `options_cls`; every default is 'not given'."""
+    for f in dataclasses.fields(options_cls):
+        meta = f.metadata
+        flags = ["--" + f.name.replace("_", "-")] + ([meta["short"]] if meta["short"] else [])
+        shown = f.default if f.default is not None else "none"
+        help_text = f"{meta['help']} (default: {shown!r})".replace("%", "%%")
+        if meta["kind"] is bool:
+            parser.add_argument(*flags, dest=f.name, action="store_true",
+                                default=argparse.SUPPRESS, help=meta["help"])
+        else:
+            parser.add_argument(*flags, dest=f.name, type=meta["kind"], choices=meta["choices"],
+                                metavar=meta["metavar"], default=argparse.SUPPRESS, help=help_text)
+    parser.add_argument("-c", "--config", dest="config", default=None, metavar="FILE",
+                        help="YAML file of options (keys as the flags, with - or _); flags override it.")
+
+
+def _coerce(name, value, f, where):
+    """Check a config-file value against the field's type; return (value, problem)."""
+    kind = f.metadata["kind"]
+    if value is None:
+        return None, None
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is list_of_str:
+        if isinstance(value, str):
+            value = list_of_str(value)
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        expected = getattr(kind, "__name__", "value").replace("list_of_str", "list of strings")
+        return None, f"{where}: {name}: expected {expected}, got {value!r}"
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        return None, f"{where}: {name}: {value!r} is not one of {', '.join(choices)}"
+    return value, None
+
+
+def read_config_file(path, options_cls):
+    """Read a YAML options file into {field: value}; raise UserError listing every bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of option names to values")
+    by_name = {f.name: f for f in dataclasses.fields(options_cls)}
+    values, problems = {}, []
+    flat = []
+    for key, value in raw.items():
+        key = str(key).replace("-", "_")
+        if key in _NESTED_KEYS and isinstance(value, dict):
+            for sub, sub_value in value.items():
+                target = _NESTED_KEYS[key].get(sub)
+                if target is None:
+                    problems.append(f"{path}: {key}.{sub}: unknown option")
+                else:
+                    flat.append((target, sub_value, f"{key}.{sub}"))
+        else:
+            flat.append((key, value, key))
+    for name, value, shown in flat:
+        if name not in by_name:
+            problems.append(f"{path}: {shown}: unknown option (valid: {', '.join(sorted(by_name))})")
+            continue
+        value, problem = _coerce(shown, value, by_name[name], str(path))
+        if problem:
+            problems.append(problem)
+        else:
+            values[name] = value
+    UserError.raise_if(problems)
+    return values
+
+
+def resolve(options_cls, namespace):
+    """Merge defaults < config file < command line into an `options_cls` instance."""
+    given = {k: v for k, v in vars(namespace).items() if k not in ("command", "config")}
+    values = read_config_file(namespace.config, options_cls) if namespace.config else {}
+    values.update(given)
+    return options_cls(**values)

@@ -1,0 +1,1 @@
+"""Data: row formats, sources, the prepare stage, chat templating with loss masks, batching."""

@@ -1,0 +1,57 @@
+"""Numpy batches for the engines: rows grouped by length, right-padded, with exact loss masks."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Batch:
+    tokens: np.ndarray      # [B, T] int64, right-padded with 0
+    supervised: np.ndarray  # [B, T] bool, False on padding
+    lengths: np.ndarray     # [B] int64, real tokens per row
+
+    @property
+    def attention_mask(self):  # [B, T] int64
+        return (np.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]).astype(np.int64)
+
+    @property
+    def real_tokens(self):
+        return int(self.lengths.sum())
+
+    @property
+    def supervised_tokens(self):
+        return int(self.supervised.sum())
+
+
+def collate(examples):
+    width = max(len(ex.tokens) for ex in examples)
+    tokens = np.zeros((len(examples), width), dtype=np.int64)
+    supervised = np.zeros((len(examples), width), dtype=bool)
+    for row, ex in enumerate(examples):
+        tokens[row, :len(ex.tokens)] = ex.tokens
+        supervised[row, :len(ex.tokens)] = ex.supervised
+    return Batch(tokens, supervised, np.array([len(ex.tokens) for ex in examples], dtype=np.int64))
+
+
+def _length_groups(examples, batch_size):
+    order = np.argsort([len(ex.tokens) for ex in examples], kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def training_batches(examples, batch_size, seed):
+    """Endless batches: rows of similar length together, batch order reshuffled every epoch."""
+    groups = _length_groups(examples, batch_size)
+    rng = np.random.default_rng(seed)
+    while True:
+        for g in rng.permutation(len(groups)):
+            yield collate([examples[i] for i in groups[g]])
+
+
+def eval_batches(examples, batch_size, max_batches=-1):
+    """One pass in a fixed order; max_batches=-1 covers every row."""
+    groups = _length_groups(examples, batch_size)
+    if max_batches != -1:
+        groups = groups[:max_batches]
+    for g in groups:
+        yield collate([examples[i] for i in g])

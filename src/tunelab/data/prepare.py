@@ -1,0 +1,87 @@
+"""The prepare stage: source rows -> chat rows -> shuffled, selected, split into train/valid/test.jsonl."""
+
+import json
+import random
+import string
+from pathlib import Path
+
+from tunelab import atomic
+from tunelab.data.sources import read_source
+from tunelab.errors import UserError
+
+SPLITS = ("train", "valid", "test")
+
+
+def _template_fields(template):
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def _check_options(opts):
+    problems = []
+    for name in ("num_rows", "valid_rows", "test_rows"):
+        value = getattr(opts, name)
+        if value < 0 and not (name == "num_rows" and value == -1):
+            problems.append(f"--{name.replace('_', '-')}: must be >= 0, got {value}")
+    if opts.num_rows != -1 and opts.valid_rows + opts.test_rows >= opts.num_rows:
+        problems.append(f"--valid-rows {opts.valid_rows} + --test-rows {opts.test_rows} leave no training rows "
+                        f"out of --num-rows {opts.num_rows}")
+    for role in ("system", "user", "assistant"):
+        try:
+            _template_fields(getattr(opts, role))
+        except ValueError as e:
+            problems.append(f"--{role}: not a valid template ({e}); write fields as {{name}} and "
+                            "literal braces as {{ and }}")
+    UserError.raise_if(problems)
+
+
+def to_chat(row, opts, where):
+    """Map one source row onto a chat row with the system/user/assistant templates."""
+    messages, problems = [], []
+    for role in ("system", "user", "assistant"):
+        template = getattr(opts, role)
+        if role == "system" and not template:
+            continue
+        missing = sorted(_template_fields(template) - row.keys())
+        if missing:
+            problems.append(f"{where}: {', '.join(missing)}: field missing from the source row "
+                            f"(it has: {', '.join(sorted(map(str, row))) or 'nothing'}); "
+                            f"change --{role} to use these fields")
+            continue
+        messages.append({"role": role, "content": template.format_map({k: "" if v is None else v
+                                                                         for k, v in row.items()})})
+    if not problems and not messages[-1]["content"].strip():
+        problems.append(f"{where}: assistant: the answer is empty")
+    return {"messages": messages}, problems
+
+
+def prepare(opts, log=print):
+    """Write train/valid/test.jsonl into opts.out; returns {split: row count}."""
+    _check_options(opts)
+    out = Path(opts.out)
+    if out.exists() and not opts.overwrite:
+        raise UserError(f"{out}: output folder already exists; choose another --out or pass --overwrite")
+    rows = read_source(opts.source, split=opts.split, seed=opts.seed, num_rows=opts.num_rows)
+    order = list(range(len(rows)))
+    random.Random(opts.seed).shuffle(order)
+    if opts.num_rows != -1:
+        if len(rows) < opts.num_rows:
+            raise UserError(f"{opts.source}: has {len(rows)} rows, fewer than --num-rows {opts.num_rows}")
+        order = order[:opts.num_rows]
+    chat_rows, problems = [], []
+    for index in order:
+        chat, row_problems = to_chat(rows[index], opts, f"{opts.source}: row {index + 1}")
+        chat_rows.append(chat)
+        problems += row_problems
+    UserError.raise_if(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
+
+    n_test, n_valid = opts.test_rows, opts.valid_rows
+    splits = {"test": chat_rows[:n_test], "valid": chat_rows[n_test:n_test + n_valid],
+              "train": chat_rows[n_test + n_valid:]}
+    with atomic.atomic_dir(out) as tmp:
+        for name in SPLITS:
+            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
+                for row in splits[name]:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    counts = {name: len(splits[name]) for name in SPLITS}
+    log(f"Wrote {out}/: " + ", ".join(f"{name}.jsonl {counts[name]} rows" for name in SPLITS))
+    return counts

@@ -1,0 +1,92 @@
+"""Where `prepare` reads source rows from: builtin:sql, a local file, or a Hugging Face dataset.
+
+Each source yields a list of flat dicts (column name -> value).
+"""
+
+import csv
+import json
+from pathlib import Path
+
+from tunelab.errors import UserError
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def _read_json_file(path):
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if isinstance(data, list):
+        rows = data
+        where = lambda i: f"{path}: item {i}"  # noqa: E731
+    else:  # JSON Lines, also accepted under .json
+        rows, problems = [], []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})")
+        UserError.raise_if(problems)
+        where = lambda i: f"{path}: row {i + 1}"  # noqa: E731
+    bad = [f"{where(i)}: expected a JSON object" for i, r in enumerate(rows) if not isinstance(r, dict)]
+    UserError.raise_if(bad)
+    return rows
+
+
+def _read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _read_parquet(path):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def read_local(path):
+    path = Path(path)
+    readers = {".jsonl": _read_json_file, ".json": _read_json_file, ".csv": _read_csv,
+               ".parquet": _read_parquet}
+    if path.suffix not in readers:
+        raise UserError(f"{path}: unsupported file type {path.suffix!r}: use one of {', '.join(LOCAL_SUFFIXES)}")
+    rows = readers[path.suffix](path)
+    if not rows:
+        raise UserError(f"{path}: the file has no rows")
+    return rows
+
+
+def read_hub(dataset_id, split):
+    """Load a Hugging Face dataset split (the datasets library's cache and offline mode apply)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{dataset_id}: reading Hugging Face datasets needs the datasets package: "
+                        "pip install 'tunelab[datasets]'") from None
+    try:
+        dataset = datasets.load_dataset(dataset_id, split=split)
+    except Exception as e:  # the library raises many types; the user needs the message
+        raise UserError(f"{dataset_id}: could not load split {split!r} of this Hugging Face dataset: "
+                        f"{type(e).__name__}: {e}") from None
+    return [dict(row) for row in dataset]
+
+
+def read_source(source, split="train", seed=0, num_rows=150):
+    """Return the rows of `source` as a list of dicts."""
+    if source.startswith("builtin:"):
+        from tunelab.data import builtin_sql
+
+        name = source.split(":", 1)[1]
+        if name != "sql":
+            raise UserError(f"{source}: unknown builtin source (available: builtin:sql)")
+        return builtin_sql.generate(max(num_rows, 1) if num_rows >= 0 else 1000, seed)
+    path = Path(source)
+    if path.suffix in LOCAL_SUFFIXES or path.exists():
+        if not path.exists():
+            raise UserError(f"{path}: source file not found")
+        return read_local(path)
+    return read_hub(source, split)

