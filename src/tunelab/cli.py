@@ -1,0 +1,62 @@
+"""Command line: argv -> options -> exactly one stage function. No logic and no defaults here."""
+
+import argparse
+import sys
+
+from tunelab import __version__
+from tunelab.config import COMMAND_OPTIONS, add_arguments, resolve
+from tunelab.errors import UserError
+
+COMMANDS = {
+    "prepare": ("Build train/valid/test.jsonl chat data from a dataset, a file or builtin:sql.",
+                "tunelab.data.prepare", "prepare"),
+    "lora": ("Train a LoRA adapter (--train) and/or report test loss and perplexity (--test), "
+             "with mlx_lm.lora's flags.", "tunelab.train", "lora"),
+    "fuse": ("Merge an adapter into its base model and save a Hugging Face folder.", "tunelab.fuse", "fuse"),
+    "generate": ("Generate an answer to a prompt with a model (and optional adapter), streaming tokens.",
+                 "tunelab.generate", "generate"),
+    "demo": ("Run the whole workflow on the embedded SmolLM2 model and builtin:sql data.", "tunelab.demo", "demo"),
+}
+
+EXAMPLES = """examples:
+  tunelab prepare --source b-mc2/sql-create-context --out my-data-chat
+  tunelab lora --train --model smollm2 --data my-data-chat --batch-size 1 --num-layers 4 --iters 1000 --mask-prompt
+  tunelab lora --test --model smollm2 --data my-data-chat --adapter-path adapters
+  tunelab fuse --model smollm2 --adapter-path adapters --save-path my-model
+  tunelab generate --model my-model --prompt "..."
+  tunelab demo
+"""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="tunelab", description="Fine-tune a small language model on your own "
+                                     "machine, and use the result.", epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, _, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p, COMMAND_OPTIONS[name])
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    _, module_name, function_name = COMMANDS[args.command]
+    try:
+        opts = resolve(COMMAND_OPTIONS[args.command], args)
+        import importlib
+
+        stage = getattr(importlib.import_module(module_name), function_name)
+        stage(opts)
+    except UserError as e:
+        print(f"tunelab {args.command}: error: " + "\n  ".join(e.problems), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ntunelab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,90 @@
+"""The demo: the tutorial's whole workflow on the embedded model and builtin:sql data.
+
+prepare -> base test loss and answer -> train (LoRA, top blocks, prompt masked) -> test loss
+and answer again -> fuse -> answer from the fused folder -> summary. Every step is the same
+stage function the CLI command runs.
+"""
+
+import io
+import shutil
+import time
+from pathlib import Path
+
+from tunelab import fuse, generate, train
+from tunelab.config import FuseOptions, GenerateOptions, LoraOptions, PrepareOptions
+from tunelab.data.prepare import prepare
+from tunelab.errors import UserError
+
+MARKER = ".tunelab-demo"
+
+# The tutorial's example: its schema and question.
+EXAMPLE_SCHEMA = "CREATE TABLE table_13505192_3 (series_number INTEGER, season_number VARCHAR)"
+EXAMPLE_QUESTION = "What is the series number for season episode 24?"
+
+
+def _claim_folder(out):
+    """The demo may replace only a folder it made itself."""
+    if out.exists():
+        if not (out / MARKER).is_file():
+            raise UserError(f"{out}: exists and was not made by `tunelab demo`; choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("made by tunelab demo; the next demo run replaces this folder\n")
+
+
+def _answer(model_ref, adapter_path, system_prompt, log):
+    opts = GenerateOptions(model=model_ref, adapter_path=adapter_path, prompt=EXAMPLE_QUESTION,
+                           system_prompt=system_prompt, max_tokens=64)
+    engine, model = generate.load_for_generation(model_ref, adapter_path, log=lambda *_: None)
+    ids = generate.prompt_ids(model.tokenizer, opts.prompt, opts.system_prompt)
+    buffer = io.StringIO()
+    text = generate.stream_text(engine, model, ids, opts, out=buffer)
+    log(f"  > {text.strip()}")
+    return text.strip()
+
+
+def demo(opts, log=print):
+    started = time.perf_counter()
+    out = Path(opts.out)
+    _claim_folder(out)
+    data, adapter_dir, fused_dir = out / "data", out / "adapters", out / "fused_model"
+    system_prompt = PrepareOptions().system.format(context=EXAMPLE_SCHEMA)
+
+    log("\n[1/6] Preparing data (builtin:sql, 100/25/25 rows)")
+    prepare(PrepareOptions(source="builtin:sql", out=str(data), seed=opts.seed), log=log)
+
+    common = dict(model=opts.model, data=str(data), batch_size=1, mask_prompt=True, seed=opts.seed)
+    log("\n[2/6] Base model: test loss and the tutorial's question")
+    before = train.lora(LoraOptions(test=True, adapter_path="", **common), log=log)
+    base_answer = _answer(opts.model, None, system_prompt, log)
+
+    log(f"\n[3/6] Training a LoRA adapter ({opts.iters} steps, top {opts.num_layers} blocks, prompt masked)")
+    after = train.lora(LoraOptions(train=True, test=True, adapter_path=str(adapter_dir), iters=opts.iters,
+                                   num_layers=opts.num_layers, learning_rate=opts.learning_rate,
+                                   steps_per_eval=max(opts.iters // 4, 1), save_every=opts.iters,
+                                   steps_per_report=max(opts.iters // 20, 1), **common), log=log)
+
+    log("\n[4/6] Tuned model (base + adapter): the same question")
+    tuned_answer = _answer(opts.model, str(adapter_dir), system_prompt, log)
+
+    log("\n[5/6] Fusing the adapter into the model")
+    fuse.fuse(FuseOptions(model=opts.model, adapter_path=str(adapter_dir), save_path=str(fused_dir)), log=log)
+
+    log("\n[6/6] Fused model: the same question")
+    fused_answer = _answer(str(fused_dir), None, system_prompt, log)
+
+    width = 16
+    log("\n" + "=" * 72)
+    log(f"tunelab demo finished in {time.perf_counter() - started:.0f} s\n")
+    log(f"{'':{width}}{'test loss':>10}{'test ppl':>10}")
+    log(f"{'base model':{width}}{before['test_loss']:>10.3f}{before['test_ppl']:>10.3f}")
+    log(f"{'fine-tuned':{width}}{after['test_loss']:>10.3f}{after['test_ppl']:>10.3f}\n")
+    log(f"Question: {EXAMPLE_QUESTION}\nSchema:   {EXAMPLE_SCHEMA}")
+    log(f"{'base model':{width}}{base_answer}")
+    log(f"{'fine-tuned':{width}}{tuned_answer}")
+    log(f"{'fused folder':{width}}{fused_answer}\n")
+    log(f"Data:         {data}/\nAdapter:      {adapter_dir}/ (PEFT layout + mlx-lm copy, metrics.jsonl)")
+    log(f"Fused model:  {fused_dir}/ (Hugging Face folder, safetensors)")
+    log(f"Try it:       tunelab generate --model {fused_dir} --prompt \"...\"")
+    return {"before": before, "after": after, "answers": {"base": base_answer, "tuned": tuned_answer,
+                                                           "fused": fused_answer}}

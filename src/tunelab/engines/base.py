@@ -1,0 +1,25 @@
+"""The engine contract: what every compute back end provides, on numpy batches and plain files.
+
+An engine is a module with these functions (`Model` is the engine's own handle):
+
+  load(model_dir, device, dtype, log) -> Model       HF folder -> model + tokenizer on a device
+  attach_lora(model, spec, seed)                      fresh adapters (A random, B zero)
+  set_adapter(model, spec, tensors)                   adapters from numpy tensors (adapters.load)
+  adapter_tensors(model) -> {module: (A, B)}          numpy copies, for adapters.save
+  make_optimizer(model, learning_rate) -> Optimizer
+  train_step(model, optimizer, batch) -> StepResult   one Adam step on a batching.Batch
+  eval_loss(model, batch) -> (loss_sum, n_tokens)     summed cross-entropy over supervised tokens
+  generate(model, prompt_ids, options, stop_ids)      yields token ids one at a time
+  fuse(model, save_dir)                               merged HF folder (safetensors)
+  peak_memory() -> int                                bytes (device memory, or resident set on CPU)
+
+Everything above this line (data, the training loop, reports, files) is engine-neutral.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StepResult:
+    loss: float              # mean cross-entropy over the batch's supervised tokens
+    supervised_tokens: int

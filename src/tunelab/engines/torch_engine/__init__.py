@@ -1,0 +1,230 @@
+"""The PyTorch engine: transformers models, PEFT LoRA layers; CPU, CUDA and MPS.
+
+The loss is computed exactly, on supervised positions only: the output projection (28M of
+SmolLM2's 135M parameters) runs on the ~15-25% of positions that have a label, not on all.
+"""
+
+import resource
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tunelab.engines.base import StepResult
+from tunelab.errors import UserError
+
+name = "torch"
+
+
+@dataclass
+class Model:
+    model: torch.nn.Module       # the causal LM, wrapped by PEFT once adapters are attached
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    spec: object = None          # adapters.AdapterSpec when adapters are attached
+
+
+def pick_device(device="auto"):
+    if device != "auto":
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is available here")
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise UserError("--device mps: MPS is not available here")
+        return torch.device(device), "as asked"
+    if torch.cuda.is_available():
+        return torch.device("cuda"), "a CUDA GPU is available"
+    if torch.backends.mps.is_available():
+        return torch.device("mps"), "Apple MPS is available"
+    return torch.device("cpu"), "no GPU found"
+
+
+def pick_dtype(device, dtype="auto"):
+    if dtype != "auto":
+        return getattr(torch, dtype), "as asked"
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16, "the GPU supports bfloat16"
+    return torch.float32, "float32 is exact and fastest at this size on CPU"
+
+
+def _quiet_transformers():
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load(model_dir, device="auto", dtype="auto", log=print):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    dev, dev_reason = pick_device(device)
+    dt, dt_reason = pick_dtype(dev, dtype)
+    log(f"Device: {dev.type} ({dev_reason}); dtype: {str(dt).replace('torch.', '')} ({dt_reason})")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dt, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{model_dir}: transformers could not load this model: {e}") from None
+    model.to(dev)
+    model.eval()
+    return Model(model, tokenizer, dev, dt)
+
+
+def _lora_config(spec):
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec.rank, lora_alpha=spec.scale * spec.rank, lora_dropout=spec.dropout,
+                      target_modules=list(spec.keys), layers_to_transform=list(spec.layers),
+                      layers_pattern="layers", bias="none", task_type="CAUSAL_LM")
+
+
+def attach_lora(m, spec, seed=0):
+    """Wrap the model with fresh LoRA layers (A Kaiming-uniform, B zero) on spec's modules."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    for p in m.model.parameters():
+        p.requires_grad_(False)
+    m.model = get_peft_model(m.model, _lora_config(spec))
+    m.spec = spec
+    found = set(_lora_modules(m))
+    missing = [mod for mod in spec.modules() if mod not in found]
+    if missing:
+        raise UserError(f"the model has no module {missing[0]} to adapt ({len(missing)} missing); "
+                        "check --lora-keys and --num-layers")
+
+
+def _lora_modules(m):
+    """{module path inside the causal LM: PEFT LoRA layer}."""
+    out = {}
+    for path, module in m.model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            out[path.removeprefix("base_model.model.")] = module
+    return out
+
+
+def set_adapter(m, spec, tensors):
+    """Attach adapters (if not yet) and load numpy (A, B) tensors into them."""
+    if m.spec is None:
+        attach_lora(m, spec)
+    layers = _lora_modules(m)
+    problems = []
+    for module, (a, b) in tensors.items():
+        layer = layers.get(module)
+        if layer is None:
+            problems.append(f"adapter tensor for {module}: the model has no such adapted module")
+            continue
+        wa, wb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        if tuple(wa.shape) != a.shape or tuple(wb.shape) != b.shape:
+            problems.append(f"adapter tensor for {module}: shapes {a.shape}/{b.shape} do not match the "
+                            f"model's {tuple(wa.shape)}/{tuple(wb.shape)}: trained on another base model?")
+            continue
+        with torch.no_grad():
+            wa.copy_(torch.from_numpy(np.asarray(a)))
+            wb.copy_(torch.from_numpy(np.asarray(b)))
+    UserError.raise_if(problems)
+
+
+def adapter_tensors(m):
+    return {module: (layer.lora_A["default"].weight.detach().float().cpu().numpy(),
+                     layer.lora_B["default"].weight.detach().float().cpu().numpy())
+            for module, layer in _lora_modules(m).items()}
+
+
+def make_optimizer(m, learning_rate):
+    params = [p for p in m.model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=learning_rate)
+
+
+def _causal_lm(m):
+    """The (possibly PEFT-wrapped) causal LM's transformer body and output projection."""
+    lm = m.model.get_base_model() if hasattr(m.model, "get_base_model") else m.model
+    return lm.model, lm.lm_head
+
+
+def _loss_sum(m, batch):
+    """Summed cross-entropy over supervised targets; logits only where there is a label."""
+    tokens = torch.from_numpy(batch.tokens).to(m.device)
+    attention = torch.from_numpy(batch.attention_mask).to(m.device)
+    targeted = torch.from_numpy(batch.supervised[:, 1:]).to(m.device)   # [B, T-1]
+    body, head = _causal_lm(m)
+    hidden = body(input_ids=tokens[:, :-1], attention_mask=attention[:, :-1]).last_hidden_state
+    logits = head(hidden[targeted]).float()                              # [N, V]
+    return F.cross_entropy(logits, tokens[:, 1:][targeted], reduction="sum"), int(targeted.sum())
+
+
+def train_step(m, optimizer, batch):
+    m.model.train()
+    loss_sum, n = _loss_sum(m, batch)
+    loss = loss_sum / n
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    value = float(loss.detach())
+    if not np.isfinite(value):
+        raise UserError(f"the training loss became {value}; lower --learning-rate")
+    return StepResult(value, n)
+
+
+@torch.no_grad()
+def eval_loss(m, batch):
+    m.model.eval()
+    loss_sum, n = _loss_sum(m, batch)
+    return float(loss_sum), n
+
+
+@torch.no_grad()
+def logits(m, tokens):
+    """Full logits [B, T, V] as float32 numpy (for tests and checks)."""
+    m.model.eval()
+    return m.model(input_ids=torch.as_tensor(tokens, device=m.device)).logits.float().cpu().numpy()
+
+
+@torch.no_grad()
+def generate(m, prompt_ids, max_tokens=256, temp=0.0, top_p=1.0, seed=0, stop_ids=()):
+    """Yield generated token ids one at a time (KV cache), stopping at a stop id (not yielded)."""
+    m.model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.tensor([list(prompt_ids)], device=m.device)
+    past = None
+    for _ in range(max_tokens):
+        out = m.model(input_ids=ids, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        scores = out.logits[0, -1].float().cpu()
+        if temp <= 0:
+            token = int(scores.argmax())
+        else:
+            probs = torch.softmax(scores / temp, dim=-1)
+            if top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                keep = sorted_p.cumsum(0) - sorted_p < top_p
+                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+            token = int(torch.multinomial(probs, 1, generator=gen))
+        if token in stop_ids:
+            return
+        yield token
+        ids = torch.tensor([[token]], device=m.device)
+
+
+def fuse(m, save_dir):
+    """Merge the adapters into the weights and save an HF folder (safetensors + tokenizer)."""
+    merged = m.model.merge_and_unload() if hasattr(m.model, "merge_and_unload") else m.model
+    merged.save_pretrained(str(save_dir), safe_serialization=True)
+    m.tokenizer.save_pretrained(str(save_dir))
+    m.model = merged
+    m.spec = None
+
+
+def peak_memory():
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return int(torch.cuda.max_memory_allocated())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+

@@ -1,0 +1,70 @@
+"""The run folder (mlx-lm's --adapter-path): the only module that names artifact paths.
+
+  <run>/adapter_config.json, adapter_model.safetensors, adapters.safetensors   the adapter
+  <run>/metrics.jsonl      one JSON object per report / evaluation
+  <run>/tunelab_run.json   resolved options, auto-chosen settings, versions, model and data hashes
+"""
+
+import hashlib
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+from tunelab import atomic
+
+METRICS = "metrics.jsonl"
+MANIFEST = "tunelab_run.json"
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions():
+    out = {"python": platform.python_version()}
+    for package in ("tunelab", "torch", "transformers", "peft", "numpy"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_manifest(run_dir, options, chosen, model_dir, data_files):
+    atomic.write_json(Path(run_dir) / MANIFEST, {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "options": options,
+        "chosen": chosen,
+        "model": {"reference": options.get("model"), "folder": str(model_dir)},
+        "data": {str(p): file_sha256(p) for p in data_files},
+        "versions": versions(),
+    })
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; each line is flushed as it is written."""
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / METRICS
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "w", encoding="utf-8")
+
+    def write(self, **record):
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def read_metrics(run_dir):
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,158 @@
+"""The lora stage and THE training loop.
+
+`lora(opts)` does what `mlx_lm.lora` does: load the model and data, train an adapter
+(--train) and/or report test loss and perplexity (--test). `train_loop` is the one loop for
+every engine: engines supply only the step, the loop owns the cadence (reports, validation,
+saving, the progress line).
+"""
+
+import dataclasses
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tunelab import adapters, engines, evaluate, models, runs
+from tunelab.data.batching import training_batches
+from tunelab.data.formats import read_rows
+from tunelab.data.templates import encode_rows
+from tunelab.errors import UserError
+
+
+def check_options(opts):
+    """Every contradiction in the options, reported at once."""
+    problems = []
+    if not (opts.train or opts.test):
+        problems.append("nothing to do: pass --train to train an adapter and/or --test to measure test loss")
+    positive = ("batch_size", "iters", "steps_per_report", "steps_per_eval", "save_every",
+                "max_seq_length", "lora_rank")
+    problems += [f"--{n.replace('_', '-')}: must be at least 1, got {getattr(opts, n)}"
+                 for n in positive if getattr(opts, n) < 1]
+    if opts.num_layers == 0 or opts.num_layers < -1:
+        problems.append(f"--num-layers: must be -1 (all) or at least 1, got {opts.num_layers}")
+    if opts.learning_rate <= 0:
+        problems.append(f"--learning-rate: must be positive, got {opts.learning_rate}")
+    if not 0 <= opts.lora_dropout < 1:
+        problems.append(f"--lora-dropout: must be in [0, 1), got {opts.lora_dropout}")
+    for n in ("val_batches", "test_batches"):
+        if getattr(opts, n) == 0 or getattr(opts, n) < -1:
+            problems.append(f"--{n.replace('_', '-')}: must be -1 (all) or at least 1, got {getattr(opts, n)}")
+    data = Path(opts.data)
+    needed = (["train", "valid"] if opts.train else []) + (["test"] if opts.test else [])
+    if not data.is_dir():
+        problems.append(f"--data {data}: folder not found (it should hold {', '.join(n + '.jsonl' for n in needed)}; "
+                        "make one with `tunelab prepare`)")
+    else:
+        problems += [f"--data {data}: {n}.jsonl is missing" for n in needed if not (data / f"{n}.jsonl").is_file()]
+    if opts.test and not opts.train and opts.adapter_path:
+        if not (Path(opts.adapter_path) / adapters.CONFIG).is_file():
+            problems.append(f"--adapter-path {opts.adapter_path}: no adapter there to test; train one with "
+                            "--train, or pass --adapter-path '' to test the base model")
+    UserError.raise_if(problems)
+
+
+def load_split(model, data_dir, split, opts, log):
+    rows, fmt = read_rows(Path(data_dir) / f"{split}.jsonl")
+    examples, truncated = encode_rows(model.tokenizer, rows, fmt, opts.mask_prompt, opts.max_seq_length,
+                                      str(Path(data_dir) / f"{split}.jsonl"))
+    if truncated:
+        log(f"{split}.jsonl: {truncated} of {len(rows)} rows are longer than --max-seq-length "
+            f"{opts.max_seq_length} and were truncated")
+    return examples
+
+
+def _progress_text(step, loss, val_loss, tokens_per_s, peak):
+    parts = [f"loss {loss:.3f}" if loss is not None else "loss -"]
+    if val_loss is not None:
+        parts.append(f"val {val_loss:.3f}")
+    parts += [f"{tokens_per_s:,.0f} tok/s", f"peak {peak / 1e9:.2f} GB"]
+    return ", ".join(parts)
+
+
+def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print):
+    """Train for opts.iters steps; report, validate and save on the configured cadence."""
+    optimizer = engine.make_optimizer(model, opts.learning_rate)
+    metrics = runs.MetricsLog(run_dir)
+    batches = training_batches(train_set, opts.batch_size, opts.seed)
+
+    def validate(step):
+        loss, _ = evaluate.loss_and_ppl(engine, model, valid_set, opts.batch_size, opts.val_batches)
+        metrics.write(step=step, val_loss=loss)
+        tqdm.write(f"Iter {step}: Val loss {loss:.3f}")
+        return loss
+
+    def save(step):
+        adapters.save(run_dir, model.spec, engine.adapter_tensors(model),
+                      extra_config={"tunelab": {"step": step}})
+
+    val_loss = validate(0)
+    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    last_loss, tokens_per_s = None, 0.0
+    bar = tqdm(total=opts.iters, desc="Training", unit="it", dynamic_ncols=True, disable=None,
+               bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining} {postfix}")
+    try:
+        for step in range(1, opts.iters + 1):
+            batch = next(batches)
+            result = engine.train_step(model, optimizer, batch)
+            window_loss += result.loss
+            window_steps += 1
+            window_tokens += batch.real_tokens
+            if step % opts.steps_per_report == 0 or step == opts.iters:
+                seconds = time.perf_counter() - window_start
+                last_loss, tokens_per_s = window_loss / window_steps, window_tokens / seconds
+                peak = engine.peak_memory()
+                metrics.write(step=step, train_loss=last_loss, learning_rate=opts.learning_rate,
+                              iterations_per_s=window_steps / seconds, tokens_per_s=tokens_per_s,
+                              peak_memory_gb=peak / 1e9)
+                tqdm.write(f"Iter {step}: Train loss {last_loss:.3f}, It/sec {window_steps / seconds:.3f}, "
+                           f"Tokens/sec {tokens_per_s:.1f}, Peak mem {peak / 1e9:.3f} GB")
+                window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+            if step % opts.steps_per_eval == 0 or step == opts.iters:
+                val_loss = validate(step)
+                window_start = time.perf_counter()
+            if step % opts.save_every == 0 or step == opts.iters:
+                save(step)
+            bar.set_postfix_str(_progress_text(step, last_loss, val_loss, tokens_per_s, engine.peak_memory()),
+                                refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+        metrics.close()
+    log(f"Saved adapter to {run_dir}")
+    return last_loss, val_loss
+
+
+def lora(opts, log=print):
+    """The `tunelab lora` stage. Returns {'test_loss', 'test_ppl'} when --test is given."""
+    check_options(opts)
+    engine = engines.get("auto", log=log)
+    model_dir = models.resolve(opts.model, log=log)
+    model = engine.load(model_dir, device=opts.device, dtype=opts.dtype, log=log)
+    result = {}
+    if opts.train:
+        train_set = load_split(model, opts.data, "train", opts, log)
+        valid_set = load_split(model, opts.data, "valid", opts, log)
+        total_layers = models.read_config(model_dir)["num_hidden_layers"]
+        spec = adapters.spec_for(opts.num_layers, total_layers, opts.lora_rank, opts.lora_scale,
+                                 opts.lora_dropout, opts.lora_keys, base_model=opts.model)
+        engine.attach_lora(model, spec, seed=opts.seed)
+        run_dir = Path(opts.adapter_path)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data_files = [Path(opts.data) / f"{s}.jsonl" for s in ("train", "valid")]
+        runs.write_manifest(run_dir, dataclasses.asdict(opts), {"engine": engine.name, "device": str(model.device),
+                            "dtype": str(model.dtype).replace("torch.", "")}, model_dir, data_files)
+        supervised = sum(int(ex.supervised.sum()) for ex in train_set)
+        tokens = sum(len(ex.tokens) for ex in train_set)
+        log(f"Training {len(spec.modules())} LoRA modules (rank {spec.rank}, scale {spec.scale:g}) on the top "
+            f"{spec.num_layers} blocks; {len(train_set)} rows, {tokens} tokens, "
+            f"{100 * supervised / tokens:.0f}% supervised")
+        train_loop(engine, model, train_set, valid_set, opts, run_dir, log=log)
+    elif opts.test and opts.adapter_path:
+        spec, tensors = adapters.load(opts.adapter_path)
+        engine.set_adapter(model, spec, tensors)
+    if opts.test:
+        test_set = load_split(model, opts.data, "test", opts, log)
+        loss, ppl = evaluate.loss_and_ppl(engine, model, test_set, opts.batch_size, opts.test_batches)
+        log(evaluate.format_test(loss, ppl))
+        result = {"test_loss": loss, "test_ppl": ppl}
+    return result
