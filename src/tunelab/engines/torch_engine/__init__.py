@@ -4,6 +4,7 @@ The loss is computed exactly, on supervised positions only: the output projectio
 SmolLM2's 135M parameters) runs on the ~15-25% of positions that have a label, not on all.
 """
 
+import inspect
 import resource
 import sys
 from dataclasses import dataclass
@@ -193,10 +194,13 @@ def generate(m, prompt_ids, max_tokens=256, temp=0.0, top_p=1.0, seed=0, stop_id
     m.model.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.tensor([list(prompt_ids)], device=m.device)
+    # transformers 5.2x names the KV cache `cache`; earlier releases `past_key_values`.
+    lm = m.model.get_base_model() if hasattr(m.model, "get_base_model") else m.model
+    cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
     past = None
     for _ in range(max_tokens):
-        out = m.model(input_ids=ids, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = m.model(input_ids=ids, use_cache=True, **{cache_arg: past})
+        past = getattr(out, cache_arg)
         scores = out.logits[0, -1].float().cpu()
         if temp <= 0:
             token = int(scores.argmax())

@@ -1,0 +1,130 @@
+"""The engine contract on the torch engine, with tiny Llama and Qwen2 models made by the tests."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunelab import adapters
+from tunelab.data.batching import collate
+from tunelab.data.templates import encode_row
+from tunelab.engines import torch_engine as engine
+
+ROWS = [{"messages": [{"role": "system", "content": "CREATE TABLE t (a INTEGER, b VARCHAR)"},
+                      {"role": "user", "content": f"What is a when b is {w}?"},
+                      {"role": "assistant", "content": f"SELECT a FROM t WHERE b = '{w}'"}]}
+        for w in ("x", "yy", "zzz long value")]
+
+
+def load(folder):
+    return engine.load(folder, device="cpu", dtype="float32", log=lambda *_: None)
+
+
+def batch_for(model, mask_prompt=True):
+    return collate([encode_row(model.tokenizer, r, "chat", mask_prompt) for r in ROWS])
+
+
+def with_adapter(folder, seed=0, randomize_b=True):
+    model = load(folder)
+    spec = adapters.spec_for(1, 2, 4, 2.0, 0.0)
+    engine.attach_lora(model, spec, seed=seed)
+    if randomize_b:  # fresh adapters have B = 0; make them do something
+        gen = np.random.default_rng(seed)
+        tensors = {m: (a, gen.standard_normal(b.shape).astype(np.float32) * 0.2)
+                   for m, (a, b) in engine.adapter_tensors(model).items()}
+        engine.set_adapter(model, spec, tensors)
+    return model, spec
+
+
+def test_fresh_adapter_reproduces_base_logits(tiny_model):
+    base = load(tiny_model)
+    tokens = batch_for(base).tokens
+    tuned, _ = with_adapter(tiny_model, randomize_b=False)
+    np.testing.assert_array_equal(engine.logits(base, tokens), engine.logits(tuned, tokens))
+    assert not np.allclose(engine.logits(with_adapter(tiny_model)[0], tokens), engine.logits(base, tokens))
+
+
+def test_supervised_only_loss_equals_the_plain_computation(tiny_model):
+    model, _ = with_adapter(tiny_model)
+    for mask_prompt in (True, False):
+        batch = batch_for(model, mask_prompt)
+        loss_sum, n = engine.eval_loss(model, batch)
+        tokens = torch.from_numpy(batch.tokens)
+        with torch.no_grad():
+            full = model.model(input_ids=tokens, attention_mask=torch.from_numpy(batch.attention_mask)).logits
+        mask = torch.from_numpy(batch.supervised[:, 1:])
+        plain = F.cross_entropy(full[:, :-1][mask], tokens[:, 1:][mask], reduction="sum")
+        assert n == int(mask.sum())
+        assert loss_sum == pytest.approx(float(plain), rel=1e-5)
+
+
+def test_training_lowers_loss_and_moves_only_the_adapter(tiny_model):
+    model = load(tiny_model)
+    engine.attach_lora(model, adapters.spec_for(-1, 2, 8, 20.0, 0.0))
+    frozen = {k: v.clone() for k, v in model.model.named_parameters() if not v.requires_grad}
+    batch = batch_for(model)
+    optimizer = engine.make_optimizer(model, 1e-2)
+    first = engine.train_step(model, optimizer, batch).loss
+    for _ in range(30):
+        last = engine.train_step(model, optimizer, batch).loss
+    assert last < first * 0.7
+    for name, value in model.model.named_parameters():
+        if name in frozen:
+            assert torch.equal(value, frozen[name]), name
+
+
+def test_adapter_files_round_trip_to_identical_logits(tiny_model, tmp_path):
+    model, spec = with_adapter(tiny_model)
+    tokens = batch_for(model).tokens
+    adapters.save(tmp_path, spec, engine.adapter_tensors(model))
+    again = load(tiny_model)
+    engine.set_adapter(again, *adapters.load(tmp_path))
+    np.testing.assert_array_equal(engine.logits(model, tokens), engine.logits(again, tokens))
+    # the mlx-lm copy alone gives the same model
+    (tmp_path / adapters.PEFT_WEIGHTS).unlink()
+    third = load(tiny_model)
+    engine.set_adapter(third, *adapters.load(tmp_path))
+    np.testing.assert_array_equal(engine.logits(model, tokens), engine.logits(third, tokens))
+
+
+def test_peft_loads_the_adapter_folder_with_the_same_logits(tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model, spec = with_adapter(tiny_model)
+    tokens = batch_for(model).tokens
+    adapters.save(tmp_path, spec, engine.adapter_tensors(model))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=torch.from_numpy(tokens)).logits.numpy()
+    np.testing.assert_allclose(engine.logits(model, tokens), theirs, rtol=0, atol=1e-5)
+
+
+def test_fused_folder_equals_base_plus_adapter(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = with_adapter(tiny_model)
+    tokens = batch_for(model).tokens
+    expected = engine.logits(model, tokens)
+    engine.fuse(model, tmp_path)
+    fused = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    with torch.no_grad():
+        got = fused(input_ids=torch.from_numpy(tokens)).logits.numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    assert (tmp_path / "tokenizer.json").is_file()
+    assert not any(tmp_path.glob("*.bin"))
+
+
+def test_generation_stops_at_a_stop_token(tiny_model):
+    model = load(tiny_model)
+    prompt = model.tokenizer.encode("SELECT a", add_special_tokens=False)
+    free = list(engine.generate(model, prompt, max_tokens=8))
+    assert len(free) == 8
+    stopped = list(engine.generate(model, prompt, max_tokens=8, stop_ids={free[3]}))
+    assert stopped == free[:free.index(free[3])]
+    # greedy decoding agrees with transformers' own greedy generate
+    with torch.no_grad():
+        ref = model.model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert free == ref

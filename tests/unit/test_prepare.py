@@ -1,0 +1,81 @@
+import csv
+import json
+import sqlite3
+
+import pytest
+
+from tests.conftest import write_jsonl
+from tunelab.config import PrepareOptions
+from tunelab.data import builtin_sql
+from tunelab.data.prepare import prepare
+from tunelab.errors import UserError
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_builtin_sql_rows_are_valid_sqlite_and_deterministic():
+    rows = builtin_sql.generate(500, seed=3)
+    assert rows == builtin_sql.generate(500, seed=3)
+    assert rows != builtin_sql.generate(500, seed=4)
+    for row in rows:
+        db = sqlite3.connect(":memory:")
+        db.execute(row["context"])
+        db.execute(row["answer"]).fetchall()
+    answers = " ".join(r["answer"] for r in rows)
+    for piece in ("COUNT(", "MIN(", "MAX(", "AVG(", "SUM(", "ORDER BY", "LIMIT", " AND ", " > ", " < "):
+        assert piece in answers
+    assert len({r["question"] for r in rows}) > 450
+
+
+def test_default_prepare_reproduces_the_tutorial_split(tmp_path):
+    counts = prepare(PrepareOptions(out=str(tmp_path / "d")), log=lambda *_: None)
+    assert counts == {"train": 100, "valid": 25, "test": 25}
+    train = read(tmp_path / "d" / "train.jsonl")
+    roles = [m["role"] for m in train[0]["messages"]]
+    assert roles == ["system", "user", "assistant"]
+    assert train[0]["messages"][0]["content"].startswith("You are an text to SQL query translator.")
+    assert "CREATE TABLE" in train[0]["messages"][0]["content"]
+    again = tmp_path / "e"
+    prepare(PrepareOptions(out=str(again)), log=lambda *_: None)
+    assert read(again / "train.jsonl") == train
+
+
+def test_refuses_to_replace_existing_output(tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(UserError, match="already exists"):
+        prepare(PrepareOptions(out=str(out)), log=lambda *_: None)
+    assert (out / "mine.txt").read_text() == "keep"
+    prepare(PrepareOptions(out=str(out), overwrite=True), log=lambda *_: None)
+    assert not (out / "mine.txt").exists() and (out / "train.jsonl").exists()
+
+
+def test_local_csv_with_custom_templates(tmp_path):
+    src = tmp_path / "src.csv"
+    with open(src, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["q", "a"])
+        w.writeheader()
+        w.writerows({"q": f"question {i}", "a": f"answer {i}"} for i in range(10))
+    opts = PrepareOptions(source=str(src), out=str(tmp_path / "d"), system="", user="Q: {q}",
+                          assistant="{a}", num_rows=10, valid_rows=2, test_rows=2)
+    assert prepare(opts, log=lambda *_: None) == {"train": 6, "valid": 2, "test": 2}
+    rows = sum((read(tmp_path / "d" / f"{s}.jsonl") for s in ("train", "valid", "test")), [])
+    assert sorted(r["messages"][0]["content"] for r in rows) == sorted(f"Q: question {i}" for i in range(10))
+    assert all(len(r["messages"]) == 2 for r in rows)
+
+
+def test_missing_column_named_with_what_the_file_has(tmp_path):
+    src = write_jsonl(tmp_path / "src.jsonl", [{"question": "q", "sql": "s"}] * 10)
+    opts = PrepareOptions(source=str(src), out=str(tmp_path / "d"), num_rows=10, valid_rows=2, test_rows=2)
+    with pytest.raises(UserError) as e:
+        prepare(opts, log=lambda *_: None)
+    assert "context: field missing from the source row (it has: question, sql)" in e.value.problems[0]
+    assert not (tmp_path / "d").exists()
+
+
+def test_contradicting_counts():
+    with pytest.raises(UserError, match="leave no training rows"):
+        prepare(PrepareOptions(num_rows=40, valid_rows=20, test_rows=20), log=lambda *_: None)
