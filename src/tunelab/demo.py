@@ -61,7 +61,7 @@ def demo(opts, log=print):
     log(f"\n[3/6] Training a LoRA adapter ({opts.iters} steps, top {opts.num_layers} blocks, prompt masked)")
     after = train.lora(LoraOptions(train=True, test=True, adapter_path=str(adapter_dir), iters=opts.iters,
                                    num_layers=opts.num_layers, learning_rate=opts.learning_rate,
-                                   steps_per_eval=max(opts.iters // 4, 1), save_every=opts.iters,
+                                   steps_per_eval=max(opts.iters // 2, 1), save_every=opts.iters,
                                    steps_per_report=max(opts.iters // 20, 1), **common), log=log)
 
     log("\n[4/6] Tuned model (base + adapter): the same question")

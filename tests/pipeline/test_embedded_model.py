@@ -1,0 +1,61 @@
+"""The embedded SmolLM2-135M-Instruct: GGUF import, its chat template and loss mask, the demo."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_gguf_import_matches_transformers_own_gguf_loader(smollm2_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab import models
+    from tunelab.engines import torch_engine as engine
+
+    config = json.loads((Path(smollm2_dir) / "config.json").read_text())
+    assert config["rope_theta"] == 100000.0 and config["tie_word_embeddings"] is True
+    ours = engine.load(smollm2_dir, device="cpu", dtype="float32", log=lambda *_: None)
+    gguf = models.embedded_gguf("smollm2")
+    reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    ids = ours.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                             tokenize=False, add_generation_prompt=True)
+    tokens = np.array([ours.tokenizer.encode(ids, add_special_tokens=False)])
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(tokens)).logits.numpy()
+    np.testing.assert_allclose(engine.logits(ours, tokens), expected, rtol=0, atol=1e-4)
+
+    from tunelab.data.templates import end_of_turn_ids
+
+    answer = ours.tokenizer.decode(list(engine.generate(ours, tokens[0].tolist(), max_tokens=30,
+                                                        stop_ids=end_of_turn_ids(ours.tokenizer))))
+    assert answer == "The capital of France is Paris."
+
+
+def test_mask_counts_exactly_the_assistant_tokens_with_the_real_template(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from tunelab.data import builtin_sql
+    from tunelab.data.templates import encode_row
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    for row in builtin_sql.generate(20, seed=5):
+        chat = {"messages": [{"role": "system", "content": row["context"]},
+                             {"role": "user", "content": row["question"]},
+                             {"role": "assistant", "content": row["answer"]}]}
+        ex = encode_row(tokenizer, chat, "chat", mask_prompt=True)
+        assert tokenizer.decode(ex.tokens[ex.supervised].tolist()) == row["answer"] + "<|im_end|>"
+        assert int(ex.supervised.sum()) == len(tokenizer.encode(row["answer"], add_special_tokens=False)) + 1
+
+
+def test_demo_lowers_test_loss_and_the_fused_model_answers_like_the_adapter(tmp_path, smollm2_dir):
+    from tunelab.config import DemoOptions
+    from tunelab.demo import demo
+
+    result = demo(DemoOptions(out=str(tmp_path / "demo"), iters=40), log=lambda *_: None)
+    assert result["after"]["test_loss"] < 0.6 * result["before"]["test_loss"]
+    assert result["answers"]["fused"] == result["answers"]["tuned"]
+    assert (tmp_path / "demo" / "fused_model" / "model.safetensors").is_file()
