@@ -98,3 +98,26 @@ def test_fuse_failure_keeps_an_existing_folder(capsys, tiny_llama, tmp_path):
     (keep / "model.safetensors").write_text("a good model")
     error_of(capsys, "fuse", "--model", tiny_llama, "--adapter-path", tmp_path / "none", "--save-path", keep)
     assert (keep / "model.safetensors").read_text() == "a good model"
+
+
+def test_hub_id_resolves_from_the_local_hub_cache_offline(tiny_llama, tmp_path, monkeypatch):
+    """A repo id goes through huggingface_hub: here its cache, with HF_HUB_OFFLINE=1."""
+    import shutil
+
+    from tunelab import models
+    from tunelab.errors import UserError
+
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--someone--tiny-llama"
+    shutil.copytree(tiny_llama, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    assert models.resolve("someone/tiny-llama") == repo / "snapshots" / commit
+    with pytest.raises(UserError, match="could not get it from the Hugging Face hub or its local cache"):
+        models.resolve("someone/not-cached")
