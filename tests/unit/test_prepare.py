@@ -79,3 +79,17 @@ def test_missing_column_named_with_what_the_file_has(tmp_path):
 def test_contradicting_counts():
     with pytest.raises(UserError, match="leave no training rows"):
         prepare(PrepareOptions(num_rows=40, valid_rows=20, test_rows=20), log=lambda *_: None)
+
+
+def test_dataset_folder_goes_through_the_datasets_library(tmp_path):
+    """A local copy of a dataset repository (here: sql-create-context's columns) is read by `datasets`."""
+    pytest.importorskip("datasets")
+    repo = tmp_path / "sql-create-context"
+    write_jsonl(repo / "sql_create_context.jsonl", builtin_sql.generate(30, seed=9))
+    opts = PrepareOptions(source=str(repo), out=str(tmp_path / "d"), num_rows=30, valid_rows=5, test_rows=5)
+    assert prepare(opts, log=lambda *_: None) == {"train": 20, "valid": 5, "test": 5}
+    row = read(tmp_path / "d" / "test.jsonl")[0]
+    assert row["messages"][0]["content"].endswith(")") and "CREATE TABLE" in row["messages"][0]["content"]
+    with pytest.raises(UserError, match="could not load split 'validation'"):
+        prepare(PrepareOptions(source=str(repo), out=str(tmp_path / "e"), split="validation", num_rows=30,
+                               valid_rows=5, test_rows=5), log=lambda *_: None)

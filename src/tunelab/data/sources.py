@@ -1,4 +1,5 @@
-"""Where `prepare` reads source rows from: builtin:sql, a local file, or a Hugging Face dataset.
+"""Where `prepare` reads source rows from: builtin:sql, a local file, or a Hugging Face dataset
+(by id, or a local folder copy of a dataset repository).
 
 Each source yields a list of flat dicts (column name -> value).
 """
@@ -85,6 +86,8 @@ def read_source(source, split="train", seed=0, num_rows=150):
             raise UserError(f"{source}: unknown builtin source (available: builtin:sql)")
         return builtin_sql.generate(max(num_rows, 1) if num_rows >= 0 else 1000, seed)
     path = Path(source)
+    if path.is_dir():  # a local copy of a dataset repository: the datasets library reads it
+        return read_hub(str(path), split)
     if path.suffix in LOCAL_SUFFIXES or path.exists():
         if not path.exists():
             raise UserError(f"{path}: source file not found")
