@@ -107,11 +107,12 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print):
                 tqdm.write(f"Iter {step}: Train loss {last_loss:.3f}, It/sec {window_steps / seconds:.3f}, "
                            f"Tokens/sec {tokens_per_s:.1f}, Peak mem {peak / 1e9:.3f} GB")
                 window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+            paused = time.perf_counter()  # validation and saving do not count against tokens/s
             if step % opts.steps_per_eval == 0 or step == opts.iters:
                 val_loss = validate(step)
-                window_start = time.perf_counter()
             if step % opts.save_every == 0 or step == opts.iters:
                 save(step)
+            window_start += time.perf_counter() - paused
             bar.set_postfix_str(_progress_text(step, last_loss, val_loss, tokens_per_s, engine.peak_memory()),
                                 refresh=False)
             bar.update(1)
