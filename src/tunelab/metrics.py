@@ -91,11 +91,10 @@ def find_schema(*texts):
     return ";\n".join(statements)
 
 
-def _gold_literals(gold):
-    """Literals the gold query mentions, by kind, so fillings contain rows its WHERE selects."""
+def _gold_literals(tree):
+    """Literals the gold query's tree mentions, by kind, so fillings hold rows its WHERE selects."""
     from sqlglot import exp
 
-    tree = _parse(gold)
     strings, numbers = [], []
     if tree is not None:
         for literal in tree.find_all(exp.Literal):
@@ -147,19 +146,13 @@ def _run(db, sql):
     return [tuple(round(v, 6) if isinstance(v, float) else v for v in row) for row in rows]
 
 
-def _is_ordered(gold):
-    from sqlglot import exp
-
-    tree = _parse(gold)
-    return tree is not None and tree.args.get("order") is not None
-
-
 def sql_exec(prediction, gold, schema, seed=0):
     if not schema:
         return Verdict(False, "no CREATE TABLE schema found for this row")
     prediction = prediction.strip().rstrip(";")
-    strings, numbers = _gold_literals(gold)
-    ordered = _is_ordered(gold)
+    gold_tree = _parse(gold)
+    strings, numbers = _gold_literals(gold_tree)
+    ordered = gold_tree is not None and gold_tree.args.get("order") is not None
     for filling in range(FILLINGS):
         db = sqlite3.connect(":memory:")
         try:
