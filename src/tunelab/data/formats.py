@@ -57,39 +57,48 @@ def detect_format(row):
     return None
 
 
+def json_lines(path, text):
+    """The JSON objects of JSON Lines `text`, as (line number, object); and (line number, problem)
+    for each bad line."""
+    objects, problems = [], []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append((line_no, f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno}): "
+                                      "write one JSON object per line"))
+            continue
+        if not isinstance(obj, dict):
+            problems.append((line_no, f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}"))
+            continue
+        objects.append((line_no, obj))
+    return objects, problems
+
+
 def read_rows(path):
     """Read and validate a JSONL data file; return (rows, format name)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: data file not found")
-    rows, problems, file_format = [], [], None
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno}): "
-                                "write one JSON object per line")
-                continue
-            if not isinstance(row, dict):
-                problems.append(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-                continue
-            name = detect_format(row)
-            if name is None:
-                problems.append(f"{path}:{line_no}: unknown row format: expected a 'messages', "
-                                "'prompt'/'completion' or 'text' field")
-                continue
-            if file_format is None:
-                file_format = name
-            elif name != file_format:
-                problems.append(f"{path}:{line_no}: this row is {name} but earlier rows are "
-                                f"{file_format}: use one format per file")
-                continue
-            problems += [f"{path}:{line_no}: {field}: {what}" for field, what in FORMATS[name][1](row)]
-            rows.append(row)
+    objects, problems = json_lines(path, path.read_text(encoding="utf-8"))
+    rows, file_format = [], None
+    for line_no, row in objects:
+        name = detect_format(row)
+        if name is None:
+            problems.append((line_no, f"{path}:{line_no}: unknown row format: expected a 'messages', "
+                                      "'prompt'/'completion' or 'text' field"))
+            continue
+        if file_format is None:
+            file_format = name
+        elif name != file_format:
+            problems.append((line_no, f"{path}:{line_no}: this row is {name} but earlier rows are "
+                                      f"{file_format}: use one format per file"))
+            continue
+        problems += [(line_no, f"{path}:{line_no}: {field}: {what}") for field, what in FORMATS[name][1](row)]
+        rows.append(row)
     if not rows and not problems:
-        problems.append(f"{path}: the file has no rows")
-    UserError.raise_if(problems)
+        problems.append((0, f"{path}: the file has no rows"))
+    UserError.raise_if([text for _, text in sorted(problems, key=lambda p: p[0])])
     return rows, file_format

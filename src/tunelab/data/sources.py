@@ -8,6 +8,7 @@ import csv
 import json
 from pathlib import Path
 
+from tunelab.data.formats import json_lines
 from tunelab.errors import UserError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -19,23 +20,13 @@ def _read_json_file(path):
         data = json.loads(text)
     except json.JSONDecodeError:
         data = None
-    if isinstance(data, list):
-        rows = data
-        where = lambda i: f"{path}: item {i}"  # noqa: E731
-    else:  # JSON Lines, also accepted under .json
-        rows, problems = [], []
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                problems.append(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})")
-        UserError.raise_if(problems)
-        where = lambda i: f"{path}: row {i + 1}"  # noqa: E731
-    bad = [f"{where(i)}: expected a JSON object" for i, r in enumerate(rows) if not isinstance(r, dict)]
-    UserError.raise_if(bad)
-    return rows
+    if not isinstance(data, list):  # JSON Lines, also accepted under .json
+        objects, problems = json_lines(path, text)
+        UserError.raise_if([text for _, text in problems])
+        return [obj for _, obj in objects]
+    UserError.raise_if([f"{path}: item {i}: expected a JSON object" for i, r in enumerate(data)
+                        if not isinstance(r, dict)])
+    return data
 
 
 def _read_csv(path):
