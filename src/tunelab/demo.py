@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from tunelab import fuse, generate, train
+from tunelab import engines, fuse, generate, train
 from tunelab.config import FuseOptions, GenerateOptions, LoraOptions, PrepareOptions
 from tunelab.data.prepare import prepare
 from tunelab.errors import UserError
@@ -33,14 +33,11 @@ def _claim_folder(out):
 
 
 def _answer(model_ref, adapter_path, system_prompt, log):
-    opts = GenerateOptions(model=model_ref, adapter_path=adapter_path, prompt=EXAMPLE_QUESTION,
-                           system_prompt=system_prompt, max_tokens=64)
-    engine, model = generate.load_for_generation(model_ref, adapter_path, log=lambda *_: None)
-    ids = generate.prompt_ids(model.tokenizer, opts.prompt, opts.system_prompt)
-    buffer = io.StringIO()
-    text = generate.stream_text(engine, model, ids, opts, out=buffer)
-    log(f"  > {text.strip()}")
-    return text.strip()
+    engine, model, _ = engines.load(model_ref, adapter_path, log=lambda *_: None)
+    ids = generate.prompt_ids(model.tokenizer, EXAMPLE_QUESTION, system_prompt)
+    text = generate.stream_text(engine, model, ids, GenerateOptions(max_tokens=64), out=io.StringIO()).strip()
+    log(f"  > {text}")
+    return text
 
 
 def demo(opts, log=print):

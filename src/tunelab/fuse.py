@@ -8,8 +8,7 @@ is written under a temporary name and renamed into place only when complete.
 import json
 from pathlib import Path
 
-from tunelab import adapters, atomic, engines, models
-from tunelab.errors import UserError
+from tunelab import atomic, engines
 
 
 def _portable_config(folder):
@@ -24,12 +23,7 @@ def _portable_config(folder):
 
 def fuse(opts, log=print):
     adapter_dir = Path(opts.adapter_path)
-    if not (adapter_dir / adapters.CONFIG).is_file():
-        raise UserError(f"--adapter-path {adapter_dir}: no adapter there ({adapters.CONFIG} missing)")
-    spec, tensors = adapters.load(adapter_dir)
-    engine = engines.get("auto", log=log)
-    model = engine.load(models.resolve(opts.model, log=log), device=opts.device, log=log)
-    engine.set_adapter(model, spec, tensors)
+    engine, model, _ = engines.load(opts.model, adapter_dir, opts.device, log=log)
     save_path = Path(opts.save_path)
     with atomic.atomic_dir(save_path) as tmp:
         engine.fuse(model, tmp)

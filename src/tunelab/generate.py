@@ -2,7 +2,7 @@
 
 import sys
 
-from tunelab import adapters, engines, models
+from tunelab import engines
 from tunelab.data.templates import end_of_turn_ids
 
 
@@ -33,18 +33,9 @@ def stream_text(engine, model, ids, opts, out=sys.stdout):
     return text
 
 
-def load_for_generation(model_ref, adapter_path=None, device="auto", log=print):
-    engine = engines.get("auto", log=log)
-    model = engine.load(models.resolve(model_ref, log=log), device=device, log=log)
-    if adapter_path:
-        spec, tensors = adapters.load(adapter_path)
-        engine.set_adapter(model, spec, tensors)
-    return engine, model
-
-
 def generate(opts, log=print):
     prompt = sys.stdin.read() if opts.prompt == "-" else opts.prompt
-    engine, model = load_for_generation(opts.model, opts.adapter_path, opts.device, log=log)
+    engine, model, _ = engines.load(opts.model, opts.adapter_path, opts.device, log=log)
     ids = prompt_ids(model.tokenizer, prompt, opts.system_prompt, raw=opts.ignore_chat_template)
     log("=" * 10)
     return stream_text(engine, model, ids, opts)

@@ -126,9 +126,8 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print):
 def lora(opts, log=print):
     """The `tunelab lora` stage. Returns {'test_loss', 'test_ppl'} when --test is given."""
     check_options(opts)
-    engine = engines.get("auto", log=log)
-    model_dir = models.resolve(opts.model, log=log)
-    model = engine.load(model_dir, device=opts.device, dtype=opts.dtype, log=log)
+    tested_adapter = opts.adapter_path if opts.test and not opts.train else None  # '' = the base model
+    engine, model, model_dir = engines.load(opts.model, tested_adapter, opts.device, opts.dtype, log=log)
     result = {}
     if opts.train:
         train_set = load_split(model, opts.data, "train", opts, log)
@@ -148,9 +147,6 @@ def lora(opts, log=print):
             f"{spec.num_layers} blocks; {len(train_set)} rows, {tokens} tokens, "
             f"{100 * supervised / tokens:.0f}% supervised")
         train_loop(engine, model, train_set, valid_set, opts, run_dir, log=log)
-    elif opts.test and opts.adapter_path:
-        spec, tensors = adapters.load(opts.adapter_path)
-        engine.set_adapter(model, spec, tensors)
     if opts.test:
         test_set = load_split(model, opts.data, "test", opts, log)
         loss, ppl = evaluate.loss_and_ppl(engine, model, test_set, opts.batch_size, opts.test_batches)

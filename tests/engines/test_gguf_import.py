@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file
 
 from tunelab import models
