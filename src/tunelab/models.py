@@ -210,7 +210,8 @@ def import_gguf(path, dest=None, log=print):
     from safetensors.numpy import save_file
 
     path = Path(path)
-    dest = Path(dest) if dest else cache_dir() / "models" / gguf_key(path)
+    key = gguf_key(path)
+    dest = Path(dest) if dest else cache_dir() / "models" / key
     if (dest / "config.json").is_file():
         return dest
     log(f"Importing {path.name} into {dest} (once) ...")
@@ -225,7 +226,7 @@ def import_gguf(path, dest=None, log=print):
         eos = sorted(_eos_ids(tokenizer, config))
         atomic.write_json(tmp / "generation_config.json",
                           {"bos_token_id": config["bos_token_id"], "eos_token_id": eos if len(eos) > 1 else eos[0]})
-        atomic.write_json(tmp / "tunelab_import.json", {"source": str(path), "gguf_key": gguf_key(path)})
+        atomic.write_json(tmp / "tunelab_import.json", {"source": str(path), "gguf_key": key})
     return dest
 
 
