@@ -4,13 +4,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tunelab-installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup browser clean
 
 demo: $(STAMP)
 	$(BIN)/tunelab demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q --durations=10
+
+# The report's browser test renders report.html in Debian's chromium; it is installed when
+# missing and this is a Debian/Ubuntu machine where we are root, else that one test is skipped.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: chromium is not installed; the report's browser test will be skipped"; fi; }
 
 setup: $(STAMP)
 

@@ -15,6 +15,9 @@ COMMANDS = {
     "fuse": ("Merge an adapter into its base model and save a Hugging Face folder.", "tunelab.fuse", "fuse"),
     "generate": ("Generate an answer to a prompt with a model (and optional adapter), streaming tokens.",
                  "tunelab.generate", "generate"),
+    "eval": ("Generate answers to every test row with one or more models (base, base + adapter, fused, "
+             ".gguf) or read them from files, score them (sql-exec, sql-canonical, exact, loss, ...), and "
+             "write results, samples and an HTML report.", "tunelab.evaluate", "evaluate"),
     "demo": ("Run the whole workflow on the embedded SmolLM2 model and builtin:sql data.", "tunelab.demo", "demo"),
 }
 
@@ -24,6 +27,7 @@ EXAMPLES = """examples:
   tunelab lora --test --model smollm2 --data my-data-chat --adapter-path adapters
   tunelab fuse --model smollm2 --adapter-path adapters --save-path my-model
   tunelab generate --model my-model --prompt "..."
+  tunelab eval --model smollm2 --adapter-path adapters --data my-data-chat --compare my-model
   tunelab demo
 """
 

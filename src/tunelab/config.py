@@ -110,6 +110,33 @@ class GenerateOptions:
 
 
 @dataclass
+class EvalOptions:
+    model: str = opt(DEFAULT_MODEL, "Base model: repo id, local folder, .gguf file, or 'smollm2'.")
+    adapter_path: str = opt(None, "Adapter folder: evaluates base + adapter ('tuned') beside the base model.")
+    compare: list = opt(None, "More models to evaluate on the same prompts: fused folders, .gguf files, "
+                        "repo ids; NAME=REF sets the label. Comma-separated or repeated.",
+                        kind=list_of_str, metavar="REFS")
+    predictions: list = opt(None, "JSON Lines files of answers produced elsewhere (LM Studio, Ollama, ...), "
+                            "one {\"index\" or \"prompt\", \"answer\"} object a line; NAME=FILE sets the label. "
+                            "Comma-separated or repeated.", kind=list_of_str, metavar="FILES")
+    no_base: bool = opt(False, "Do not evaluate the base model itself.")
+    data: str = opt("data", "Folder with the split to evaluate (test.jsonl by default).")
+    split: str = opt("test", "Split to evaluate.", choices=["test", "valid", "train"])
+    metric: list = opt(None, "Metrics, comma-separated or repeated: exact, normalized, sql-canonical, "
+                       "sql-exec, loss (default: sql-exec,sql-canonical,loss for text-to-SQL data, "
+                       "else exact,normalized,loss).", kind=list_of_str, metavar="METRICS")
+    num_rows: int = opt(-1, "Evaluate only the first N rows of the split (-1: all).")
+    run_dir: str = opt(None, "Run folder for eval/ and report.html (default: the adapter folder, "
+                       "else tunelab-eval).")
+    batch_size: int = opt(32, "Prompts generated together (rows of similar prompt length).")
+    max_tokens: int = opt(128, "Token budget of each answer.", short="-m")
+    temp: float = opt(0.0, "Sampling temperature (0: greedy).")
+    top_p: float = opt(1.0, "Nucleus sampling threshold.")
+    seed: int = opt(0, "Seed for sampling and for sql-exec's random databases.")
+    device: str = opt("auto", "Compute device.", choices=["auto", "cpu", "cuda", "mps"])
+
+
+@dataclass
 class DemoOptions:
     out: str = opt("tunelab-demo", "Folder for the demo's data, adapter and fused model.")
     model: str = opt(DEFAULT_MODEL, "Model to fine-tune.")
@@ -124,6 +151,7 @@ COMMAND_OPTIONS = {
     "lora": LoraOptions,
     "fuse": FuseOptions,
     "generate": GenerateOptions,
+    "eval": EvalOptions,
     "demo": DemoOptions,
 }
 
@@ -137,11 +165,15 @@ def add_arguments(parser, options_cls):
     for f in dataclasses.fields(options_cls):
         meta = f.metadata
         flags = ["--" + f.name.replace("_", "-")] + ([meta["short"]] if meta["short"] else [])
-        shown = f.default if f.default is not None else "none"
-        help_text = f"{meta['help']} (default: {shown!r})".replace("%", "%%")
+        help_text = meta["help"] if f.default is None or "(default" in meta["help"] \
+            else f"{meta['help']} (default: {f.default!r})"
+        help_text = help_text.replace("%", "%%")
         if meta["kind"] is bool:
             parser.add_argument(*flags, dest=f.name, action="store_true",
                                 default=argparse.SUPPRESS, help=meta["help"])
+        elif meta["kind"] is list_of_str:  # `--x a,b` and `--x a --x b` both give [a, b]
+            parser.add_argument(*flags, dest=f.name, type=meta["kind"], action="extend",
+                                metavar=meta["metavar"], default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(*flags, dest=f.name, type=meta["kind"], choices=meta["choices"],
                                 metavar=meta["metavar"], default=argparse.SUPPRESS, help=help_text)

@@ -10,6 +10,7 @@ row's CREATE TABLE statements (see find_schema); string metrics ignore it.
                  manner of test-suite accuracy (Zhong et al., 2020): every filling must agree
 """
 
+import math
 import random
 import re
 import sqlite3
@@ -38,6 +39,12 @@ def normalized(prediction, gold, schema=None):
     return Verdict(_normalize(prediction) == _normalize(gold))
 
 
+def _sql_text(answer):
+    """The SQL of an answer: the inside of a ```sql fenced block when there is one."""
+    fenced = re.search(r"```[ \t]*(?:sql|sqlite)?[ \t]*\n?(.*?)```", answer, flags=re.IGNORECASE | re.DOTALL)
+    return (fenced.group(1) if fenced else answer).strip()
+
+
 def _parse(sql):
     """sqlglot's tree of one SQLite query, or None when it is not one."""
     import sqlglot
@@ -57,7 +64,7 @@ def _canonical(tree):
 
 
 def sql_canonical(prediction, gold, schema=None):
-    pred_tree, gold_tree = _parse(prediction), _parse(gold)
+    pred_tree, gold_tree = _parse(_sql_text(prediction)), _parse(gold)
     if pred_tree is None:
         return Verdict(False, "prediction is not a parseable SQL query")
     if gold_tree is None:
@@ -74,10 +81,14 @@ MAX_RESULT_ROWS = 10_000
 
 
 def find_schema(*texts):
-    """Every CREATE TABLE statement in the texts (balanced parentheses), joined with ';'."""
-    statements = []
+    """Every CREATE TABLE statement in the texts (balanced parentheses), joined with ';'.
+
+    A table met twice (the schema in the prompt and again in a `context` field) is kept once.
+    """
+    statements = {}
     for text in texts:
-        for match in re.finditer(r"CREATE\s+TABLE\b", text or "", flags=re.IGNORECASE):
+        for match in re.finditer(r"CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?([`\"\[]?[\w.]+)", text or "",
+                                 flags=re.IGNORECASE):
             start = match.start()
             open_at = text.find("(", match.end())
             if open_at == -1:
@@ -86,9 +97,9 @@ def find_schema(*texts):
             for i in range(open_at, len(text)):
                 depth += {"(": 1, ")": -1}.get(text[i], 0)
                 if depth == 0:
-                    statements.append(text[start:i + 1])
+                    statements.setdefault(match.group(1).strip('`"[').lower(), text[start:i + 1])
                     break
-    return ";\n".join(statements)
+    return ";\n".join(statements.values())
 
 
 def _gold_literals(tree):
@@ -149,7 +160,7 @@ def _run(db, sql):
 def sql_exec(prediction, gold, schema, seed=0):
     if not schema:
         return Verdict(False, "no CREATE TABLE schema found for this row")
-    prediction = prediction.strip().rstrip(";")
+    prediction = _sql_text(prediction).rstrip(";")
     gold_tree = _parse(gold)
     strings, numbers = _gold_literals(gold_tree)
     ordered = gold_tree is not None and gold_tree.args.get("order") is not None
@@ -178,12 +189,32 @@ def sql_exec(prediction, gold, schema, seed=0):
     return Verdict(True)
 
 
+def wilson_interval(correct, total, z=1.96):
+    """95% Wilson score interval of a proportion (sound at 0/n and n/n, unlike the normal one)."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 METRICS = {
     "exact": exact,
     "normalized": normalized,
     "sql-canonical": sql_canonical,
     "sql-exec": sql_exec,
 }
+
+
+LOSS = "loss"  # not a verdict on the answer: mean cross-entropy of the gold answer (and its ppl)
+
+
+def check_names(names):
+    unknown = [n for n in names if n not in METRICS and n != LOSS]
+    if unknown:
+        raise UserError(f"--metric: unknown metric {', '.join(map(repr, unknown))} "
+                        f"(available: {', '.join([*METRICS, LOSS])})")
 
 
 def get(name):

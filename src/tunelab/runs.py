@@ -3,6 +3,13 @@
   <run>/adapter_config.json, adapter_model.safetensors, adapters.safetensors   the adapter
   <run>/metrics.jsonl      one JSON object per report / evaluation
   <run>/tunelab_run.json   resolved options, auto-chosen settings, versions, model and data hashes
+  <run>/eval/results.json  every metric of every evaluated model, with counts and 95% intervals
+  <run>/eval/samples.jsonl one line per evaluated row: prompt, gold, each model's answer and verdicts
+  <run>/report.html        the self-contained report (metrics table, loss curves, disagreements)
+
+and in a data folder made by `prepare`:
+
+  <data>/tunelab_data.json where the rows came from (source, split, seed), so `eval` can choose metrics
 """
 
 import hashlib
@@ -16,6 +23,10 @@ from tunelab import atomic
 
 METRICS = "metrics.jsonl"
 MANIFEST = "tunelab_run.json"
+EVAL_RESULTS = "eval/results.json"
+EVAL_SAMPLES = "eval/samples.jsonl"
+REPORT = "report.html"
+DATA_MANIFEST = "tunelab_data.json"
 
 
 def file_sha256(path):
@@ -68,3 +79,12 @@ def read_metrics(run_dir):
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_data_manifest(data_dir):
+    """The data folder's record of its source ({} when it has none or it is unreadable)."""
+    path = Path(data_dir) / DATA_MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}

@@ -51,7 +51,7 @@ def test_mask_counts_exactly_the_assistant_tokens_with_the_real_template(smollm2
         assert int(ex.supervised.sum()) == len(tokenizer.encode(row["answer"], add_special_tokens=False)) + 1
 
 
-def test_demo_lowers_test_loss_and_the_fused_model_answers_like_the_adapter(tmp_path, smollm2_dir):
+def test_demo_lowers_test_loss_raises_sql_exec_and_fused_answers_like_the_adapter(tmp_path, smollm2_dir):
     from tunelab.config import DemoOptions
     from tunelab.demo import demo
 
@@ -59,3 +59,9 @@ def test_demo_lowers_test_loss_and_the_fused_model_answers_like_the_adapter(tmp_
     assert result["after"]["test_loss"] < 0.6 * result["before"]["test_loss"]
     assert result["answers"]["fused"] == result["answers"]["tuned"]
     assert (tmp_path / "demo" / "fused_model" / "model.safetensors").is_file()
+    models = result["eval"]["models"]
+    exec_accuracy = {label: models[label]["metrics"]["sql-exec"]["correct"] for label in models}
+    assert exec_accuracy["tuned"] > exec_accuracy["base"], exec_accuracy
+    assert exec_accuracy["fused"] == exec_accuracy["tuned"]
+    assert models["tuned"]["metrics"]["loss"]["value"] == pytest.approx(result["after"]["test_loss"], rel=1e-4)
+    assert (tmp_path / "demo" / "report.html").is_file() and (tmp_path / "demo" / "eval" / "samples.jsonl").is_file()

@@ -79,6 +79,8 @@ def test_schema_is_found_wherever_it_stands():
     assert metrics.sql_exec("SELECT x FROM a JOIN b ON a.y = b.z", "SELECT a.x FROM b JOIN a ON b.z = a.y",
                             schema).correct
     assert not metrics.sql_exec("SELECT x FROM a", "SELECT x FROM a", "").correct
+    # the same table in the prompt and in the row's context field is created once
+    assert metrics.find_schema(system, user, "CREATE TABLE a (x VARCHAR(20), y INTEGER)") == schema
 
 
 def test_every_builtin_answer_matches_itself():

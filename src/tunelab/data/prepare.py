@@ -5,7 +5,7 @@ import random
 import string
 from pathlib import Path
 
-from tunelab import atomic
+from tunelab import atomic, runs
 from tunelab.data.sources import read_source
 from tunelab.errors import UserError
 
@@ -51,7 +51,10 @@ def to_chat(row, opts, where):
                                                                          for k, v in row.items()})})
     if not problems and not messages[-1]["content"].strip():
         problems.append(f"{where}: assistant: the answer is empty")
-    return {"messages": messages}, problems
+    chat = {"messages": messages}
+    if isinstance(row.get("context"), str):  # kept for metrics that need it (SQL schemas); trainers ignore it
+        chat["context"] = row["context"]
+    return chat, problems
 
 
 def prepare(opts, log=print):
@@ -82,6 +85,8 @@ def prepare(opts, log=print):
             with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
                 for row in splits[name]:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        atomic.write_json(tmp / runs.DATA_MANIFEST, {"source": opts.source, "split": opts.split, "seed": opts.seed,
+                                                     "rows": {name: len(splits[name]) for name in SPLITS}})
     counts = {name: len(splits[name]) for name in SPLITS}
     log(f"Wrote {out}/: " + ", ".join(f"{name}.jsonl {counts[name]} rows" for name in SPLITS))
     return counts

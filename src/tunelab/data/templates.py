@@ -43,6 +43,20 @@ def _chat_messages(row, fmt):
     return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
 
 
+def split_answer(row, fmt):
+    """(prompt messages, the answer to be generated) of a chat or completions row."""
+    messages = _chat_messages(row, fmt)
+    return messages[:-1], messages[-1]["content"]
+
+
+def prompt_tokens(tokenizer, messages):
+    """Token ids of the prompt messages rendered with the chat template, ready for the answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the model's tokenizer has no chat template, so chat rows cannot be rendered; "
+                        "use a chat (instruct) model")
+    return _render(tokenizer, messages, add_generation_prompt=True)
+
+
 def encode_row(tokenizer, row, fmt, mask_prompt, eot_ids=None):
     """Return the Example for one row of format `fmt` ('chat', 'completions' or 'text')."""
     eot_ids = end_of_turn_ids(tokenizer) if eot_ids is None else eot_ids

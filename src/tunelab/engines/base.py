@@ -8,8 +8,13 @@ An engine is a module with these functions (`Model` is the engine's own handle):
   adapter_tensors(model) -> {module: (A, B)}          numpy copies, for adapters.save
   make_optimizer(model, learning_rate) -> Optimizer
   train_step(model, optimizer, batch) -> StepResult   one Adam step on a batching.Batch
-  eval_loss(model, batch) -> (loss_sum, n_tokens)     summed cross-entropy over supervised tokens
-  generate(model, prompt_ids, options, stop_ids)      yields token ids one at a time
+  eval_loss(model, batch) -> (loss_sums, counts)     per row [B]: summed cross-entropy over its
+                                                      supervised tokens, and their number
+  generate(model, prompt_ids, max_tokens, temp, top_p, seed, stop_ids)
+                                                      yields token ids one at a time
+  generate_batch(model, prompts, max_tokens, temp, top_p, seed, stop_ids) -> [[token ids]]
+                                                      several prompts at once; each answer equals
+                                                      what `generate` gives for that prompt alone
   fuse(model, save_dir)                               merged HF folder (safetensors)
   peak_memory() -> int                                bytes (device memory, or resident set on CPU)
 

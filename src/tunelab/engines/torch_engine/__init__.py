@@ -150,21 +150,23 @@ def _causal_lm(m):
     return lm.model, lm.lm_head
 
 
-def _loss_sum(m, batch):
-    """Summed cross-entropy over supervised targets; logits only where there is a label."""
+def _token_losses(m, batch):
+    """Cross-entropy of each supervised target [N] and its row [N]; logits only where there is a label."""
     tokens = torch.from_numpy(batch.tokens).to(m.device)
     attention = torch.from_numpy(batch.attention_mask).to(m.device)
     targeted = torch.from_numpy(batch.supervised[:, 1:]).to(m.device)   # [B, T-1]
     body, head = _causal_lm(m)
     hidden = body(input_ids=tokens[:, :-1], attention_mask=attention[:, :-1]).last_hidden_state
     logits = head(hidden[targeted]).float()                              # [N, V]
-    return F.cross_entropy(logits, tokens[:, 1:][targeted], reduction="sum"), int(targeted.sum())
+    losses = F.cross_entropy(logits, tokens[:, 1:][targeted], reduction="none")
+    return losses, targeted.nonzero()[:, 0]
 
 
 def train_step(m, optimizer, batch):
     m.model.train()
-    loss_sum, n = _loss_sum(m, batch)
-    loss = loss_sum / n
+    losses, _ = _token_losses(m, batch)
+    n = losses.numel()
+    loss = losses.sum() / n
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -176,9 +178,13 @@ def train_step(m, optimizer, batch):
 
 @torch.no_grad()
 def eval_loss(m, batch):
+    """Summed cross-entropy and supervised-token count of each row: two numpy arrays [B]."""
     m.model.eval()
-    loss_sum, n = _loss_sum(m, batch)
-    return float(loss_sum), n
+    losses, rows = _token_losses(m, batch)
+    size = batch.tokens.shape[0]
+    sums = torch.zeros(size, dtype=torch.float64, device=losses.device).index_add_(0, rows, losses.double())
+    counts = torch.bincount(rows, minlength=size)
+    return sums.cpu().numpy(), counts.cpu().numpy()
 
 
 @torch.no_grad()
@@ -194,27 +200,81 @@ def generate(m, prompt_ids, max_tokens=256, temp=0.0, top_p=1.0, seed=0, stop_id
     m.model.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.tensor([list(prompt_ids)], device=m.device)
-    # transformers 5.2x names the KV cache `cache`; earlier releases `past_key_values`.
-    lm = m.model.get_base_model() if hasattr(m.model, "get_base_model") else m.model
-    cache_arg = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    cache_arg, last_only = _cache_arg(m), _last_logits_only(m)
     past = None
     for _ in range(max_tokens):
-        out = m.model(input_ids=ids, use_cache=True, **{cache_arg: past})
+        out = m.model(input_ids=ids, use_cache=True, **{cache_arg: past}, **last_only)
         past = getattr(out, cache_arg)
-        scores = out.logits[0, -1].float().cpu()
-        if temp <= 0:
-            token = int(scores.argmax())
-        else:
-            probs = torch.softmax(scores / temp, dim=-1)
-            if top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                keep = sorted_p.cumsum(0) - sorted_p < top_p
-                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-            token = int(torch.multinomial(probs, 1, generator=gen))
+        token = int(_pick(out.logits[:, -1].float().cpu(), temp, top_p, gen)[0])
         if token in stop_ids:
             return
         yield token
         ids = torch.tensor([[token]], device=m.device)
+
+
+@torch.no_grad()
+def generate_batch(m, prompts, max_tokens=256, temp=0.0, top_p=1.0, seed=0, stop_ids=()):
+    """Answers (lists of token ids, stop token excluded) for several prompts at once.
+
+    Prompts are left-padded, with positions counted from each row's first real token, so every
+    row decodes as it would alone; a row stops at a stop id and the batch at the last row's stop.
+    """
+    m.model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(list(p))
+        attention[row, width - len(p):] = 1
+    ids, attention = ids.to(m.device), attention.to(m.device)
+    positions = (attention.cumsum(1) - 1).clamp(min=0)
+    cache_arg, last_only = _cache_arg(m), _last_logits_only(m)
+    past, answers = None, [[] for _ in prompts]
+    running = torch.ones(len(prompts), dtype=torch.bool)
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long)
+    for _ in range(max_tokens):
+        out = m.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                      **{cache_arg: past}, **last_only)
+        past = getattr(out, cache_arg)
+        tokens = _pick(out.logits[:, -1].float().cpu(), temp, top_p, gen)   # [B]
+        running &= ~torch.isin(tokens, stop)
+        if not running.any():
+            break
+        for row in running.nonzero()[:, 0].tolist():
+            answers[row].append(int(tokens[row]))
+        ids = tokens[:, None].to(m.device)
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+    return answers
+
+
+def _cache_arg(m):
+    """transformers 5.2x names the KV cache `cache`; earlier releases `past_key_values`."""
+    lm = m.model.get_base_model() if hasattr(m.model, "get_base_model") else m.model
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
+def _last_logits_only(m):
+    """The forward argument that computes logits for the last position only (a prompt's other
+    positions would cost the output projection [T, vocab] for nothing)."""
+    lm = m.model.get_base_model() if hasattr(m.model, "get_base_model") else m.model
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in inspect.signature(lm.forward).parameters:
+            return {name: 1}
+    return {}
+
+
+def _pick(scores, temp, top_p, gen):
+    """Next token of each row from float32 scores [B, V]: argmax, or a sample at `temp` within top_p."""
+    if temp <= 0:
+        return scores.argmax(-1)
+    probs = torch.softmax(scores / temp, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
 
 def fuse(m, save_dir):
