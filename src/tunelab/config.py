@@ -143,6 +143,7 @@ class DemoOptions:
     iters: int = opt(300, "Training steps.")
     learning_rate: float = opt(1e-4, "Adam learning rate.")
     num_layers: int = opt(4, "Number of final layers to train.")
+    max_tokens: int = opt(128, "Token budget of each generated answer (the example and the evaluation).")
     seed: int = opt(0, "Seed for data and training.")
 
 

@@ -33,10 +33,10 @@ def _claim_folder(out):
     (out / MARKER).write_text("made by tunelab demo; the next demo run replaces this folder\n")
 
 
-def _answer(model_ref, adapter_path, system_prompt, log):
+def _answer(model_ref, adapter_path, system_prompt, max_tokens, log):
     engine, model, _ = engines.load(model_ref, adapter_path, log=lambda *_: None)
     ids = generate.prompt_ids(model.tokenizer, EXAMPLE_QUESTION, system_prompt)
-    text = generate.stream_text(engine, model, ids, GenerateOptions(max_tokens=64), out=io.StringIO()).strip()
+    text = generate.stream_text(engine, model, ids, GenerateOptions(max_tokens=max_tokens), out=io.StringIO()).strip()
     log(f"  > {text}")
     return text
 
@@ -54,7 +54,7 @@ def demo(opts, log=print):
     common = dict(model=opts.model, data=str(data), batch_size=1, mask_prompt=True, seed=opts.seed)
     log("\n[2/7] Base model: test loss and the tutorial's question")
     before = train.lora(LoraOptions(test=True, adapter_path="", **common), log=log)
-    base_answer = _answer(opts.model, None, system_prompt, log)
+    base_answer = _answer(opts.model, None, system_prompt, opts.max_tokens, log)
 
     log(f"\n[3/7] Training a LoRA adapter ({opts.iters} steps, top {opts.num_layers} blocks, prompt masked)")
     after = train.lora(LoraOptions(train=True, test=True, adapter_path=str(adapter_dir), iters=opts.iters,
@@ -63,18 +63,18 @@ def demo(opts, log=print):
                                    steps_per_report=max(opts.iters // 20, 1), **common), log=log)
 
     log("\n[4/7] Tuned model (base + adapter): the same question")
-    tuned_answer = _answer(opts.model, str(adapter_dir), system_prompt, log)
+    tuned_answer = _answer(opts.model, str(adapter_dir), system_prompt, opts.max_tokens, log)
 
     log("\n[5/7] Fusing the adapter into the model")
     fuse.fuse(FuseOptions(model=opts.model, adapter_path=str(adapter_dir), save_path=str(fused_dir)), log=log)
 
     log("\n[6/7] Fused model: the same question")
-    fused_answer = _answer(str(fused_dir), None, system_prompt, log)
+    fused_answer = _answer(str(fused_dir), None, system_prompt, opts.max_tokens, log)
 
     log("\n[7/7] Evaluating base, tuned and fused on every test row")
     results = evaluate.evaluate(EvalOptions(model=opts.model, adapter_path=str(adapter_dir),
                                             compare=[f"fused={fused_dir}"], data=str(data), run_dir=str(out),
-                                            seed=opts.seed), log=log)
+                                            max_tokens=opts.max_tokens, seed=opts.seed), log=log)
 
     width = 16
     log("\n" + "=" * 72)

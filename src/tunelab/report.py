@@ -129,7 +129,9 @@ def _example(sample, labels, metric_names):
         verdicts = "<br>".join(f"{html.escape(m)}: {_verdict(sample['verdicts'][label][m])}" for m in metric_names)
         rows.append(f"<tr><th>{html.escape(label)}</th><td><pre>{html.escape(answer if answer is not None else '(no answer)')}"
                     f"</pre></td><td>{verdicts}</td></tr>")
-    return (f"<div class=example><p class=meta>row {sample['index']}</p><details><summary>prompt</summary>"
+    question = next((m["content"] for m in reversed(sample["prompt"]) if m["role"] == "user"), "")
+    return (f"<div class=example><p class=meta>row {sample['index']}</p><p>{html.escape(question)}</p>"
+            f"<details><summary>whole prompt</summary>"
             f"<pre>{html.escape(prompt)}</pre></details>"
             f"<table><tr><th>gold</th><td><pre>{html.escape(sample['gold'])}</pre></td><td></td></tr>"
             + "".join(rows) + "</table></div>")

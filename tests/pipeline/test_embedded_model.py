@@ -55,7 +55,7 @@ def test_demo_lowers_test_loss_raises_sql_exec_and_fused_answers_like_the_adapte
     from tunelab.config import DemoOptions
     from tunelab.demo import demo
 
-    result = demo(DemoOptions(out=str(tmp_path / "demo"), iters=40), log=lambda *_: None)
+    result = demo(DemoOptions(out=str(tmp_path / "demo"), iters=40, max_tokens=40), log=lambda *_: None)
     assert result["after"]["test_loss"] < 0.6 * result["before"]["test_loss"]
     assert result["answers"]["fused"] == result["answers"]["tuned"]
     assert (tmp_path / "demo" / "fused_model" / "model.safetensors").is_file()
