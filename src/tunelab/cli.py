@@ -18,6 +18,8 @@ COMMANDS = {
     "eval": ("Generate answers to every test row with one or more models (base, base + adapter, fused, "
              ".gguf) or read them from files, score them (sql-exec, sql-canonical, exact, loss, ...), and "
              "write results, samples and an HTML report.", "tunelab.evaluate", "evaluate"),
+    "export": ("Write a model (fused, or base + adapter) or an adapter alone as a GGUF file, checked by reading it "
+               "back; optionally place it in LM Studio and write an Ollama Modelfile.", "tunelab.export", "export"),
     "demo": ("Run the whole workflow on the embedded SmolLM2 model and builtin:sql data.", "tunelab.demo", "demo"),
 }
 
@@ -28,6 +30,7 @@ EXAMPLES = """examples:
   tunelab fuse --model smollm2 --adapter-path adapters --save-path my-model
   tunelab generate --model my-model --prompt "..."
   tunelab eval --model smollm2 --adapter-path adapters --data my-data-chat --compare my-model
+  tunelab export --model my-model --outtype q8_0 --lmstudio --ollama
   tunelab demo
 """
 

@@ -19,12 +19,14 @@ from tunelab.errors import UserError
 DEFAULT_MODEL = "smollm2"
 
 
-def opt(default, help, *, kind=None, short=None, choices=None, metavar=None):
-    """Declare one option. `kind` is the value type (inferred from the default when omitted)."""
+def opt(default, help, *, kind=None, short=None, choices=None, metavar=None, const=None):
+    """Declare one option. `kind` is the value type (inferred from the default when omitted);
+    with `const`, the flag's value may be left out and then is `const`."""
     kind = kind or (type(default) if default is not None else str)
     return field(
         default=default,
-        metadata={"help": help, "kind": kind, "short": short, "choices": choices, "metavar": metavar},
+        metadata={"help": help, "kind": kind, "short": short, "choices": choices, "metavar": metavar,
+                  "const": const},
     )
 
 
@@ -137,6 +139,27 @@ class EvalOptions:
 
 
 @dataclass
+class ExportOptions:
+    model: str = opt(DEFAULT_MODEL, "Model to export (a fused folder, repo id, .gguf file or 'smollm2'); with "
+                     "--adapter-path, the base model the adapter was trained on.")
+    adapter_path: str = opt(None, "Adapter folder: merged into the model on the way (--to gguf), or the adapter "
+                            "to export alone (--to gguf-lora).")
+    to: str = opt("gguf", "What to write: gguf (a whole model for llama.cpp, LM Studio, Ollama) or gguf-lora (the "
+                  "adapter alone, for llama.cpp --lora and Ollama's ADAPTER).", choices=["gguf", "gguf-lora"])
+    outtype: str = opt("f16", "Type of the weight matrices (norms and biases stay f32).",
+                       choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"])
+    out: str = opt(None, "Output file (default: <model or adapter name>-<outtype>.gguf here).", short="-o")
+    name: str = opt(None, "Model name stored in the file (general.name) and used for Ollama (default: the file's).")
+    overwrite: bool = opt(False, "Replace existing output files (and an LM Studio copy).")
+    lmstudio: str = opt(None, "Also place the file in LM Studio's models folder as PUBLISHER/MODEL ($LMSTUDIO_MODELS_DIR "
+                        "or ~/.lmstudio/models); without a value: tunelab/<file name>.", const="",
+                        metavar="NAME")
+    ollama: bool = opt(False, "Also write an Ollama Modelfile beside the file and print the `ollama create` command.")
+    system_prompt: str = opt(None, "SYSTEM of the Modelfile (default: the system message of every training row, "
+                             "when they share one; else the chat template's own default).")
+
+
+@dataclass
 class DemoOptions:
     out: str = opt("tunelab-demo", "Folder for the demo's data, adapter and fused model.")
     model: str = opt(DEFAULT_MODEL, "Model to fine-tune.")
@@ -153,6 +176,7 @@ COMMAND_OPTIONS = {
     "fuse": FuseOptions,
     "generate": GenerateOptions,
     "eval": EvalOptions,
+    "export": ExportOptions,
     "demo": DemoOptions,
 }
 
@@ -174,6 +198,9 @@ def add_arguments(parser, options_cls):
                                 default=argparse.SUPPRESS, help=meta["help"])
         elif meta["kind"] is list_of_str:  # `--x a,b` and `--x a --x b` both give [a, b]
             parser.add_argument(*flags, dest=f.name, type=meta["kind"], action="extend",
+                                metavar=meta["metavar"], default=argparse.SUPPRESS, help=help_text)
+        elif meta["const"] is not None:
+            parser.add_argument(*flags, dest=f.name, type=meta["kind"], nargs="?", const=meta["const"],
                                 metavar=meta["metavar"], default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(*flags, dest=f.name, type=meta["kind"], choices=meta["choices"],

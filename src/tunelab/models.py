@@ -67,6 +67,15 @@ def resolve(reference, log=print):
     return check_folder(download(reference))
 
 
+def gguf_file_of(reference):
+    """The GGUF file behind a reference (an embedded model or a .gguf path), or None."""
+    name = ALIASES.get(reference, reference)
+    if name in EMBEDDED:
+        return embedded_gguf(name)
+    path = Path(reference).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def download(repo_id):
     from huggingface_hub import snapshot_download
 
@@ -91,9 +100,14 @@ def check_folder(path):
 
 # ---- GGUF import -------------------------------------------------------------------------
 
-def _unpermute(w, n_head):
+def unpermute_rows(w, n_head):
     """Undo llama.cpp's rotary row interleaving of Q/K weights (rows grouped per head in pairs)."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rows(w, n_head):
+    """llama.cpp's rotary row interleaving of Q/K weights (the inverse of unpermute_rows)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 _BLOCK_TENSORS = {
@@ -183,9 +197,9 @@ def _gguf_weights(reader, config, path):
             continue
         w = np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         if permuted and name.endswith("q_proj.weight"):
-            w = _unpermute(w, config["num_attention_heads"])
+            w = unpermute_rows(w, config["num_attention_heads"])
         elif permuted and name.endswith("k_proj.weight"):
-            w = _unpermute(w, config["num_key_value_heads"])
+            w = unpermute_rows(w, config["num_key_value_heads"])
         weights[name] = w
     if unknown:
         raise UserError(f"{path}: tensors tunelab cannot import: {', '.join(unknown[:8])}")
