@@ -1,9 +1,10 @@
 """The demo: the tutorial's whole workflow on the embedded model and builtin:sql data.
 
 prepare -> base test loss and answer -> train (LoRA, top blocks, prompt masked) -> test loss
-and answer again -> fuse -> answer from the fused folder -> eval of base, tuned and fused on
-every test row (sql-exec, sql-canonical, loss) and the HTML report -> summary. Every step is
-the same stage function the CLI command runs.
+and answer again -> fuse -> answer from the fused folder -> export the fused model as an f16
+GGUF file (with an Ollama Modelfile) -> eval of base, tuned and the GGUF file on every test
+row (sql-exec, sql-canonical, loss) and the HTML report -> summary. Every step is the same
+stage function the CLI command runs.
 """
 
 import io
@@ -12,7 +13,8 @@ import time
 from pathlib import Path
 
 from tunelab import engines, evaluate, fuse, generate, runs, train
-from tunelab.config import EvalOptions, FuseOptions, GenerateOptions, LoraOptions, PrepareOptions
+from tunelab.config import EvalOptions, ExportOptions, FuseOptions, GenerateOptions, LoraOptions, PrepareOptions
+from tunelab.export import export
 from tunelab.data.prepare import prepare
 from tunelab.errors import UserError
 
@@ -48,33 +50,37 @@ def demo(opts, log=print):
     data, adapter_dir, fused_dir = out / "data", out / "adapters", out / "fused_model"
     system_prompt = PrepareOptions().system.format(context=EXAMPLE_SCHEMA)
 
-    log("\n[1/7] Preparing data (builtin:sql, 100/25/25 rows)")
+    log("\n[1/8] Preparing data (builtin:sql, 100/25/25 rows)")
     prepare(PrepareOptions(source="builtin:sql", out=str(data), seed=opts.seed), log=log)
 
     common = dict(model=opts.model, data=str(data), batch_size=1, mask_prompt=True, seed=opts.seed)
-    log("\n[2/7] Base model: test loss and the tutorial's question")
+    log("\n[2/8] Base model: test loss and the tutorial's question")
     before = train.lora(LoraOptions(test=True, adapter_path="", **common), log=log)
     base_answer = _answer(opts.model, None, system_prompt, opts.max_tokens, log)
 
-    log(f"\n[3/7] Training a LoRA adapter ({opts.iters} steps, top {opts.num_layers} blocks, prompt masked)")
+    log(f"\n[3/8] Training a LoRA adapter ({opts.iters} steps, top {opts.num_layers} blocks, prompt masked)")
     after = train.lora(LoraOptions(train=True, test=True, adapter_path=str(adapter_dir), iters=opts.iters,
                                    num_layers=opts.num_layers, learning_rate=opts.learning_rate,
                                    steps_per_eval=max(opts.iters // 2, 1), save_every=opts.iters,
                                    steps_per_report=max(opts.iters // 20, 1), **common), log=log)
 
-    log("\n[4/7] Tuned model (base + adapter): the same question")
+    log("\n[4/8] Tuned model (base + adapter): the same question")
     tuned_answer = _answer(opts.model, str(adapter_dir), system_prompt, opts.max_tokens, log)
 
-    log("\n[5/7] Fusing the adapter into the model")
+    log("\n[5/8] Fusing the adapter into the model")
     fuse.fuse(FuseOptions(model=opts.model, adapter_path=str(adapter_dir), save_path=str(fused_dir)), log=log)
 
-    log("\n[6/7] Fused model: the same question")
+    log("\n[6/8] Fused model: the same question")
     fused_answer = _answer(str(fused_dir), None, system_prompt, opts.max_tokens, log)
 
-    log("\n[7/7] Evaluating base, tuned and fused on every test row")
+    log("\n[7/8] Exporting the fused model to GGUF (f16) for llama.cpp, LM Studio and Ollama")
+    exported = export(ExportOptions(model=str(fused_dir), outtype="f16", out=str(out / "model-f16.gguf"),
+                                    name="tunelab-demo-sql", ollama=True), log=log)
+
+    log("\n[8/8] Evaluating the base model, base + adapter and the GGUF file on every test row")
     results = evaluate.evaluate(EvalOptions(model=opts.model, adapter_path=str(adapter_dir),
-                                            compare=[f"fused={fused_dir}"], data=str(data), run_dir=str(out),
-                                            max_tokens=opts.max_tokens, seed=opts.seed), log=log)
+                                            compare=[f"gguf={exported['gguf']}"], data=str(data),
+                                            run_dir=str(out), max_tokens=opts.max_tokens, seed=opts.seed), log=log)
 
     width = 16
     log("\n" + "=" * 72)
@@ -89,8 +95,9 @@ def demo(opts, log=print):
     log(evaluate.summary_table(results) + "\n")
     log(f"Data:         {data}/\nAdapter:      {adapter_dir}/ (PEFT layout + mlx-lm copy, metrics.jsonl)")
     log(f"Fused model:  {fused_dir}/ (Hugging Face folder, safetensors)")
+    log(f"GGUF file:    {exported['gguf']} (Ollama: ollama create tunelab-demo-sql -f {exported['modelfile']})")
     log(f"Evaluation:   {out / runs.EVAL_RESULTS}, {out / runs.EVAL_SAMPLES}")
     log(f"Report:       {out / runs.REPORT}  (open it in a browser)")
     log(f"Try it:       tunelab generate --model {fused_dir} --prompt \"...\"")
     return {"before": before, "after": after, "answers": {"base": base_answer, "tuned": tuned_answer,
-                                                           "fused": fused_answer}, "eval": results}
+                                                           "fused": fused_answer}, "eval": results, "export": exported}

@@ -62,6 +62,39 @@ def test_demo_lowers_test_loss_raises_sql_exec_and_fused_answers_like_the_adapte
     models = result["eval"]["models"]
     exec_accuracy = {label: models[label]["metrics"]["sql-exec"]["correct"] for label in models}
     assert exec_accuracy["tuned"] > exec_accuracy["base"], exec_accuracy
-    assert exec_accuracy["fused"] == exec_accuracy["tuned"]
+    # The exported f16 file answers like base + adapter (f16 rounding may flip a rare near-tie).
+    samples = [json.loads(line) for line in (tmp_path / "demo" / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert sum(s["answers"]["gguf"] == s["answers"]["tuned"] for s in samples) >= len(samples) - 2
+    assert abs(exec_accuracy["gguf"] - exec_accuracy["tuned"]) <= 2
     assert models["tuned"]["metrics"]["loss"]["value"] == pytest.approx(result["after"]["test_loss"], rel=1e-4)
     assert (tmp_path / "demo" / "report.html").is_file() and (tmp_path / "demo" / "eval" / "samples.jsonl").is_file()
+
+
+def test_smollm2_export_loads_in_transformers_and_its_modelfile_matches_the_template(tmp_path, smollm2_dir):
+    import re
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.engines.test_gguf_export import modelfile_template, render_go_template
+    from tunelab.config import ExportOptions
+    from tunelab.engines import torch_engine as engine
+    from tunelab.export import export
+
+    written = export(ExportOptions(model="smollm2", outtype="f32", out=str(tmp_path / "s.gguf"), ollama=True),
+                     log=lambda *_: None)
+    ours = engine.load(smollm2_dir, device="cpu", dtype="float32", log=lambda *_: None)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text = ours.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    tokens = [ours.tokenizer.encode(text, add_special_tokens=False)]
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="s.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        got = theirs(input_ids=torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(got, engine.logits(ours, tokens), rtol=0, atol=1e-3)
+    # SmolLM2's template adds its own system prompt when there is none; the Modelfile's SYSTEM does the same.
+    modelfile = written["modelfile"].read_text()
+    system = re.search(r'SYSTEM """(.*?)"""', modelfile, re.S).group(1)
+    assert "SmolLM" in system
+    rendered = render_go_template(modelfile_template(modelfile), {"System": system, "Prompt": messages[0]["content"]})
+    assert rendered == text
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
