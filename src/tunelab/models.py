@@ -206,11 +206,14 @@ def _gguf_weights(reader, config, path):
     return weights
 
 
+IMPORT_VERSION = 2  # bumped when an import would come out different, so cached imports are redone
+
+
 def gguf_key(path):
     """A cache key for a GGUF file: its name, size and a hash of its first and last MiB."""
     path = Path(path)
     size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
+    h = hashlib.sha256(f"{IMPORT_VERSION}-{size}".encode())
     with open(path, "rb") as f:
         h.update(f.read(1 << 20))
         f.seek(max(size - (1 << 20), 0))
@@ -232,7 +235,7 @@ def import_gguf(path, dest=None, log=print):
     reader = GGUFReader(path)
     config = _gguf_config(reader, path)
     weights = _gguf_weights(reader, config, path)
-    tokenizer = _gguf_tokenizer(path)
+    tokenizer = _gguf_tokenizer(path, reader)
     with atomic.atomic_dir(dest) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(str(tmp))
@@ -253,11 +256,40 @@ def _eos_ids(tokenizer, config):
     return ids
 
 
-def _gguf_tokenizer(path):
-    """The tokenizer and chat template stored in the GGUF metadata, via transformers' converter."""
+# llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) for byte-level BPE, as `tokenizers` pre-tokenizers.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def pre_tokenizer(name):
+    """The `tokenizers` pre-tokenizer llama.cpp applies for `name` (gpt-2, smollm, qwen2, llama-bpe), or None."""
+    from tokenizers import Regex, pre_tokenizers as pt
+
+    byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=True)
+    split = {"qwen2": QWEN2_SPLIT, "llama-bpe": LLAMA3_SPLIT}.get(name)
+    if name == "gpt-2":
+        return byte_level
+    if name == "smollm":  # every digit on its own, then GPT-2's split
+        return pt.Sequence([pt.Digits(individual_digits=True), byte_level])
+    if split:
+        return pt.Sequence([pt.Split(Regex(split), behavior="isolated", invert=False),
+                            pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return None
+
+
+def _gguf_tokenizer(path, reader):
+    """The tokenizer and chat template stored in the GGUF metadata, via transformers' converter,
+    with the pre-tokenizer the file names (the converter applies GPT-2's to every BPE vocabulary)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if _field(reader, "tokenizer.ggml.model") == "gpt2":
+        pre = pre_tokenizer(_field(reader, "tokenizer.ggml.pre", "gpt-2"))
+        if pre is not None:
+            tokenizer.backend_tokenizer.pre_tokenizer = pre
+    return tokenizer
 
 
 def read_config(folder):

@@ -141,6 +141,17 @@ def test_four_bit_exports_read_back_within_their_error(tiny_llama, tmp_path, out
     assert 0 < error <= 0.1 * np.abs(original).max()
 
 
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "qwen2", "llama-bpe"])
+def test_the_pre_tokenizer_is_named_as_llama_cpp_names_it(tiny_llama, tmp_path, pre):
+    tokenizer = load(tiny_llama).tokenizer
+    tokenizer.backend_tokenizer.pre_tokenizer = models.pre_tokenizer(pre)
+    tokenizer.save_pretrained(str(tmp_path))
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert gguf_file._pre_tokenizer_name(spec["pre_tokenizer"], "t") == pre
+    with pytest.raises(UserError, match="pre-tokenizer \\(Whitespace\\) is not one the GGUF export knows"):
+        gguf_file._pre_tokenizer_name({"type": "Whitespace"}, "t")
+
+
 def test_read_back_check_catches_a_damaged_file(tiny_llama, tmp_path):
     source = gguf_file.read_source(tiny_llama)
     written = gguf_file.write_model(tmp_path / "m.gguf", source, "f32", "m")

@@ -35,6 +35,14 @@ def test_gguf_import_matches_transformers_own_gguf_loader(smollm2_dir):
     assert answer == "The capital of France is Paris."
 
 
+def test_imported_tokenizer_splits_digits_as_smollm2_does(smollm2_dir):
+    """The GGUF names the 'smollm' pre-tokenizer: every digit is a token of its own."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    assert tokenizer.tokenize("laps = 1202")[-4:] == ["1", "2", "0", "2"]
+
+
 def test_mask_counts_exactly_the_assistant_tokens_with_the_real_template(smollm2_dir):
     from transformers import AutoTokenizer
 

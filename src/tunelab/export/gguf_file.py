@@ -33,13 +33,6 @@ OUTTYPES = {
 # HF architecture class -> GGUF architecture (the families whose tensors share llama's layout)
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 
-# tokenizer.json pre-tokenizers -> llama.cpp's pre-tokenizer names
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
 @dataclass
 class Source:
     """What goes into a model file: config, float32 weights by HF name, tokenizer metadata."""
@@ -126,9 +119,9 @@ def _pre_tokenizer_name(pre, where):
         return "smollm"
     if kinds == ["Split", "ByteLevel"]:
         pattern = parts[0].get("pattern", {}).get("Regex")
-        if pattern == _LLAMA3_SPLIT:
+        if pattern == models.LLAMA3_SPLIT:
             return "llama-bpe"
-        if pattern == _QWEN2_SPLIT:
+        if pattern == models.QWEN2_SPLIT:
             return "qwen2"
     raise UserError(f"{where}: tokenizer.json's pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) is not one "
                     "the GGUF export knows (GPT-2, SmolLM, Qwen2, Llama 3 byte-level BPE)")
