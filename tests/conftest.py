@@ -115,3 +115,35 @@ def smollm2_dir():
     from tunelab import models
 
     return models.resolve("smollm2", log=lambda *_: None)
+
+
+# A ChatML template that renders tools and tool calls (in the manner of Qwen2.5's), for tools rows.
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n"
+    "{% endif %}Tools:{% for t in tools %}\n{{ t | tojson }}{% endfor %}<|im_end|>\n"
+    "{% elif messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n{% endif %}"
+    "{%- for m in messages %}{%- if m['role'] == 'system' %}"
+    "{%- elif m['role'] == 'assistant' and m.get('tool_calls') %}<|im_start|>assistant\n"
+    "{% if m.get('content') %}{{ m['content'] }}{% endif %}{% for c in m['tool_calls'] %}"
+    "<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% elif m['role'] == 'tool' %}<|im_start|>user\n<tool_response>{{ m['content'] }}</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+MULTI_TURN = {"messages": [
+    {"role": "system", "content": "SCHEMA: CREATE TABLE t (a INTEGER, b VARCHAR)"},
+    {"role": "user", "content": "What is a?"},
+    {"role": "assistant", "content": "SELECT a FROM t"},
+    {"role": "user", "content": "And b, when a is 3?"},
+    {"role": "assistant", "content": "SELECT b FROM t WHERE a = 3"}]}
+
+TOOLS_ROW = {
+    "tools": [{"type": "function", "function": {"name": "run_sql", "description": "Run a SQL query",
+                                                "parameters": {"type": "object",
+                                                               "properties": {"query": {"type": "string"}}}}}],
+    "messages": [
+        {"role": "user", "content": "How many rows has t?"},
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+            "name": "run_sql", "arguments": {"query": "SELECT COUNT(*) FROM t"}}}]},
+        {"role": "tool", "content": "[[42]]"},
+        {"role": "assistant", "content": "t has 42 rows."}]}

@@ -13,6 +13,9 @@ COMMANDS = {
     "lora": ("Train a LoRA adapter (--train) and/or report test loss and perplexity (--test), "
              "with mlx_lm.lora's flags.", "tunelab.train", "lora"),
     "fuse": ("Merge an adapter into its base model and save a Hugging Face folder.", "tunelab.fuse", "fuse"),
+    "data check": ("Show what the model will see: per split rows, token lengths, supervised share, long rows, "
+                   "duplicates and leakage, and one row with its supervised tokens marked.",
+                   "tunelab.data.check", "check"),
     "generate": ("Generate an answer to a prompt with a model (and optional adapter), streaming tokens.",
                  "tunelab.generate", "generate"),
     "eval": ("Generate answers to every test row with one or more models (base, base + adapter, fused, "
@@ -24,7 +27,8 @@ COMMANDS = {
 }
 
 EXAMPLES = """examples:
-  tunelab prepare --source b-mc2/sql-create-context --out my-data-chat
+  tunelab prepare --source b-mc2/sql-create-context --out my-data-chat --dedupe
+  tunelab data check --data my-data-chat --model smollm2 --mask-prompt
   tunelab lora --train --model smollm2 --data my-data-chat --batch-size 1 --num-layers 4 --iters 1000 --mask-prompt
   tunelab lora --test --model smollm2 --data my-data-chat --adapter-path adapters
   tunelab fuse --model smollm2 --adapter-path adapters --save-path my-model
@@ -41,8 +45,17 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"tunelab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups = {}
     for name, (help_text, _, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        group, _, action = name.partition(" ")   # "data check": command `data`, action `check`
+        if action:
+            if group not in groups:
+                groups[group] = sub.add_parser(group, help=f"{group} commands: " + ", ".join(
+                    n.partition(" ")[2] for n in COMMANDS if n.startswith(group + " ")))
+                groups[group] = (groups[group], groups[group].add_subparsers(dest="action", metavar="ACTION"))
+            p = groups[group][1].add_parser(action, help=help_text, description=help_text)
+        else:
+            p = sub.add_parser(name, help=help_text, description=help_text)
         add_arguments(p, COMMAND_OPTIONS[name])
     return parser
 
@@ -53,17 +66,20 @@ def main(argv=None):
     if not args.command:
         parser.print_help()
         return 2
-    _, module_name, function_name = COMMANDS[args.command]
+    command = f"{args.command} {args.action}" if getattr(args, "action", None) else args.command
+    if command not in COMMANDS:
+        parser.parse_args([args.command, "--help"])
+    _, module_name, function_name = COMMANDS[command]
     try:
-        opts = resolve(COMMAND_OPTIONS[args.command], args)
+        opts = resolve(COMMAND_OPTIONS[command], args)
         import importlib
 
         stage = getattr(importlib.import_module(module_name), function_name)
         stage(opts)
     except UserError as e:
-        print(f"tunelab {args.command}: error: " + "\n  ".join(e.problems), file=sys.stderr)
+        print(f"tunelab {command}: error: " + "\n  ".join(e.problems), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ntunelab {args.command}: interrupted", file=sys.stderr)
+        print(f"\ntunelab {command}: interrupted", file=sys.stderr)
         return 130
     return 0

@@ -55,6 +55,8 @@ class PrepareOptions:
     test_rows: int = opt(25, "Rows for test.jsonl; the rest go to train.jsonl.")
     seed: int = opt(0, "Seed for the shuffle (and for builtin:sql's generator).")
     overwrite: bool = opt(False, "Replace an existing output folder.")
+    dedupe: bool = opt(False, "Drop repeated rows inside each split, and valid/test rows whose prompt is also in train.")
+    skip_invalid: bool = opt(False, "Set rows that cannot be mapped aside in <out>/rejected.jsonl instead of stopping.")
 
 
 @dataclass
@@ -65,7 +67,8 @@ class LoraOptions:
     train: bool = opt(False, "Train an adapter.")
     test: bool = opt(False, "Report loss and perplexity on test.jsonl.")
     fine_tune_type: str = opt("lora", "Type of fine-tuning.", choices=["lora"])
-    mask_prompt: bool = opt(False, "Train only on the completion: the last assistant message of chat rows.")
+    mask_prompt: bool = opt(False, "Train only on the answers: every assistant turn of chat rows (see --train-on), "
+                            "the completion of completions rows.")
     num_layers: int = opt(16, "Number of final layers to train (-1: all).")
     batch_size: int = opt(4, "Rows per step.")
     iters: int = opt(1000, "Training steps.")
@@ -76,7 +79,12 @@ class LoraOptions:
     steps_per_eval: int = opt(200, "Steps between validation-loss evaluations.")
     save_every: int = opt(100, "Save the adapter every N steps.")
     adapter_path: str = opt("adapters", "Folder for the adapter, its config and metrics.jsonl (the run folder).")
-    max_seq_length: int = opt(2048, "Longest row in tokens; longer rows are truncated (and counted).")
+    max_seq_length: int = opt(2048, "Longest row in tokens, after templating (see --long-rows).")
+    long_rows: str = opt("truncate", "Rows longer than --max-seq-length: truncate (keeping the supervised part "
+                         "where it fits) or drop; either way they are counted.", choices=["truncate", "drop"])
+    train_on: str = opt("all", "With --mask-prompt, which assistant turns of multi-turn chat rows to train on.",
+                        choices=["all", "last"])
+    chat_template: str = opt(None, "Chat template for a model without one: 'chatml' or a Jinja file.")
     seed: int = opt(0, "Random seed (adapter init, batch order).")
     lora_rank: int = opt(8, "LoRA rank r.")
     lora_scale: float = opt(20.0, "LoRA scale (PEFT's lora_alpha / r).")
@@ -160,6 +168,18 @@ class ExportOptions:
 
 
 @dataclass
+class DataCheckOptions:
+    data: str = opt("data", "Folder with train.jsonl, valid.jsonl and/or test.jsonl.")
+    model: str = opt(DEFAULT_MODEL, "Model whose tokenizer and chat template render the rows (weights are not loaded).")
+    mask_prompt: bool = opt(False, "Check the masks `lora --mask-prompt` uses (answers only).")
+    train_on: str = opt("all", "With --mask-prompt, which assistant turns of multi-turn rows are trained.",
+                        choices=["all", "last"])
+    max_seq_length: int = opt(2048, "The limit `lora` will apply; longer rows are counted.")
+    long_rows: str = opt("truncate", "What `lora` will do with longer rows.", choices=["truncate", "drop"])
+    chat_template: str = opt(None, "Chat template for a model without one: 'chatml' or a Jinja file.")
+
+
+@dataclass
 class DemoOptions:
     out: str = opt("tunelab-demo", "Folder for the demo's data, adapter and fused model.")
     model: str = opt(DEFAULT_MODEL, "Model to fine-tune.")
@@ -177,6 +197,7 @@ COMMAND_OPTIONS = {
     "generate": GenerateOptions,
     "eval": EvalOptions,
     "export": ExportOptions,
+    "data check": DataCheckOptions,
     "demo": DemoOptions,
 }
 
@@ -276,7 +297,7 @@ def read_config_file(path, options_cls):
 
 def resolve(options_cls, namespace):
     """Merge defaults < config file < command line into an `options_cls` instance."""
-    given = {k: v for k, v in vars(namespace).items() if k not in ("command", "config")}
+    given = {k: v for k, v in vars(namespace).items() if k not in ("command", "action", "config")}
     values = read_config_file(namespace.config, options_cls) if namespace.config else {}
     values.update(given)
     return options_cls(**values)

@@ -50,6 +50,7 @@ class Row:
     gold: str
     schema: str         # CREATE TABLE statements found in the prompt or the row's `context`
     question: str       # the last user message, for matching --predictions by prompt
+    tools: list = None  # the tools a tools row offers
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Outcome:
 
 def load_rows(path, num_rows=-1):
     rows, fmt = read_rows(path)
-    if fmt not in ("chat", "completions"):
+    if fmt not in ("chat", "tools", "completions"):
         raise UserError(f"{path}: eval needs rows with a prompt and an answer (chat or completions); this file "
                         f"holds {fmt} rows: measure their loss with `tunelab lora --test`")
     if num_rows != -1:
@@ -83,7 +84,7 @@ def load_rows(path, num_rows=-1):
         prompt, gold = split_answer(row, fmt)
         texts = [m.get("content") or "" for m in prompt] + [row.get("context") or ""]
         question = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
-        out.append(Row(index, prompt, gold, metrics.find_schema(*texts), question))
+        out.append(Row(index, prompt, gold, metrics.find_schema(*texts), question, row.get("tools")))
     return rows, fmt, out
 
 
@@ -133,7 +134,7 @@ def _generate_all(engine, model, rows, opts, label):
     """Answers in row order; prompts of similar length are generated together."""
     tokenizer = model.tokenizer
     stop_ids = end_of_turn_ids(tokenizer)
-    prompts = [prompt_tokens(tokenizer, r.prompt) for r in rows]
+    prompts = [prompt_tokens(tokenizer, r.prompt, r.tools) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     answers, generated = [None] * len(rows), 0
     with tqdm(total=len(rows), desc=f"Generating ({label})", unit="row", dynamic_ncols=True, disable=None) as bar:
@@ -152,7 +153,7 @@ def _generate_all(engine, model, rows, opts, label):
 def _answer_losses(engine, model, rows, fmt, opts):
     """Cross-entropy of each gold answer (and its end-of-turn token) given its prompt: sums and counts [N]."""
     examples, _ = encode_rows(model.tokenizer, rows, fmt, mask_prompt=True, max_seq_length=1 << 30,
-                              where=str(Path(opts.data) / f"{opts.split}.jsonl"))
+                              where=str(Path(opts.data) / f"{opts.split}.jsonl"), train_on="last")
     sums, counts = np.zeros(len(examples)), np.zeros(len(examples), dtype=np.int64)
     for start in range(0, len(examples), opts.batch_size):
         s, c = engine.eval_loss(model, collate(examples[start:start + opts.batch_size]))

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from tunelab import adapters, engines, evaluate, models, runs
 from tunelab.data.batching import training_batches
 from tunelab.data.formats import read_rows
-from tunelab.data.templates import encode_rows
+from tunelab.data.templates import encode_rows, set_chat_template
 from tunelab.errors import UserError
 
 
@@ -52,12 +52,17 @@ def check_options(opts):
 
 
 def load_split(model, data_dir, split, opts, log):
-    rows, fmt = read_rows(Path(data_dir) / f"{split}.jsonl")
-    examples, truncated = encode_rows(model.tokenizer, rows, fmt, opts.mask_prompt, opts.max_seq_length,
-                                      str(Path(data_dir) / f"{split}.jsonl"))
-    if truncated:
-        log(f"{split}.jsonl: {truncated} of {len(rows)} rows are longer than --max-seq-length "
-            f"{opts.max_seq_length} and were truncated")
+    path = Path(data_dir) / f"{split}.jsonl"
+    rows, fmt = read_rows(path)
+    examples, report = encode_rows(model.tokenizer, rows, fmt, opts.mask_prompt, opts.max_seq_length, str(path),
+                                   long_rows=opts.long_rows, train_on=opts.train_on)
+    if report.truncated or report.dropped:
+        what = f"truncated {report.truncated}" if report.truncated else f"dropped {report.dropped}"
+        log(f"{path.name}: {what} of {len(rows)} rows longer than --max-seq-length {opts.max_seq_length}")
+    for note in sorted(report.notes):
+        log(f"{path.name}: note: {note}")
+    if not examples:
+        raise UserError(f"{path}: no rows left (all longer than --max-seq-length {opts.max_seq_length})")
     return examples
 
 
@@ -128,6 +133,8 @@ def lora(opts, log=print):
     check_options(opts)
     tested_adapter = opts.adapter_path if opts.test and not opts.train else None  # '' = the base model
     engine, model, model_dir = engines.load(opts.model, tested_adapter, opts.device, opts.dtype, log=log)
+    if opts.chat_template:
+        set_chat_template(model.tokenizer, opts.chat_template)
     result = {}
     if opts.train:
         train_set = load_split(model, opts.data, "train", opts, log)

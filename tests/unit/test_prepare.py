@@ -12,7 +12,7 @@ from tunelab.errors import UserError
 
 
 def read(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def test_builtin_sql_rows_are_valid_sqlite_and_deterministic():
@@ -93,3 +93,73 @@ def test_dataset_folder_goes_through_the_datasets_library(tmp_path):
     with pytest.raises(UserError, match="could not load split 'validation'"):
         prepare(PrepareOptions(source=str(repo), out=str(tmp_path / "e"), split="validation", num_rows=30,
                                valid_rows=5, test_rows=5), log=lambda *_: None)
+
+
+def sql_rows(n, repeats=()):
+    rows = [{"context": f"CREATE TABLE t{i} (a INTEGER)", "question": f"What is a in t{i}?",
+             "answer": f"SELECT a FROM t{i}"} for i in range(n)]
+    return rows + [dict(rows[i]) for i in repeats]
+
+
+def test_overlap_is_reported_and_dedupe_drops_it(tmp_path):
+    # rows 0-4 appear twice: the shuffle puts some copies in test/valid and their twins in train
+    src = write_jsonl(tmp_path / "src.jsonl", sql_rows(30, repeats=range(10)))
+    logged = []
+    opts = PrepareOptions(source=str(src), out=str(tmp_path / "d"), num_rows=-1, valid_rows=8, test_rows=8)
+    prepare(opts, log=logged.append)
+    manifest = json.loads((tmp_path / "d" / "tunelab_data.json").read_text())
+    found = manifest["overlap_before_dedupe"]
+    leaked = found["test_prompt_in_train"] + found["valid_prompt_in_train"]
+    assert leaked > 0 and "also in train" in logged[0] and "--dedupe drops them" in logged[0]
+    prepare(PrepareOptions(**{**vars(opts), "out": str(tmp_path / "e"), "dedupe": True}), log=lambda *_: None)
+    splits = {s: read(tmp_path / "e" / f"{s}.jsonl") for s in ("train", "valid", "test")}
+    prompts = {s: [json.dumps(r["messages"][:-1]) for r in rows] for s, rows in splits.items()}
+    assert not (set(prompts["test"]) | set(prompts["valid"])) & set(prompts["train"])
+    assert all(len(p) == len(set(p)) for p in prompts.values())
+    assert sum(len(r) for r in splits.values()) == 30        # each of the 30 distinct rows once
+
+
+def test_skip_invalid_sets_bad_rows_aside(tmp_path):
+    rows = sql_rows(20)
+    rows[3]["answer"] = ""
+    del rows[7]["context"]
+    src = write_jsonl(tmp_path / "src.jsonl", rows)
+    opts = PrepareOptions(source=str(src), out=str(tmp_path / "d"), num_rows=-1, valid_rows=3, test_rows=3)
+    with pytest.raises(UserError) as e:
+        prepare(opts, log=lambda *_: None)
+    text = "\n".join(e.value.problems)
+    assert "row 4: assistant: the answer is empty" in text and "row 8: context: field missing" in text
+    assert "--skip-invalid" in text and not (tmp_path / "d").exists()
+    logged = []
+    counts = prepare(PrepareOptions(**{**vars(opts), "skip_invalid": True}), log=logged.append)
+    assert sum(counts.values()) == 18 and "Skipped 2 invalid rows" in logged[0]
+    rejected = read(tmp_path / "d" / "rejected.jsonl")
+    assert sorted(r["source_row"] for r in rejected) == [4, 8]
+    assert rejected[0]["row"] in (rows[3], rows[7]) and rejected[0]["problems"]
+
+
+def test_empty_source_file(tmp_path):
+    (tmp_path / "src.jsonl").write_text("")
+    with pytest.raises(UserError, match="the file has no rows"):
+        prepare(PrepareOptions(source=str(tmp_path / "src.jsonl"), out=str(tmp_path / "d")), log=lambda *_: None)
+
+
+def test_random_valid_rows_round_trip_through_prepare(tmp_path_factory):
+    """Whatever the text (unicode, quotes, braces, newlines), prepare keeps every row's content intact."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40).filter(str.strip)
+
+    @settings(max_examples=25, deadline=None)
+    @given(st.lists(st.tuples(text, text, text), min_size=4, max_size=12))
+    def round_trip(triples):
+        folder = tmp_path_factory.mktemp("prop")
+        src = write_jsonl(folder / "src.jsonl", [{"c": c, "q": q, "a": a} for c, q, a in triples])
+        prepare(PrepareOptions(source=str(src), out=str(folder / "d"), system="{c}", user="{q}", assistant="{a}",
+                               num_rows=-1, valid_rows=1, test_rows=1), log=lambda *_: None)
+        out = sum((read(folder / "d" / f"{s}.jsonl") for s in ("train", "valid", "test")), [])
+        got = sorted(tuple(m["content"] for m in r["messages"]) for r in out)
+        assert got == sorted(triples)
+
+    round_trip()

@@ -32,13 +32,18 @@ def test_completions_render_as_a_chat_turn(tiny_tokenizer):
     assert text == "SELECT a FROM t<|im_end|>"
 
 
-def test_truncation_is_counted_and_a_row_with_nothing_left_is_an_error(tiny_tokenizer):
+def test_long_rows_are_truncated_keeping_the_answer_or_dropped_and_counted(tiny_tokenizer):
     full = encode_row(tiny_tokenizer, ROW, "chat", mask_prompt=True)
-    first_supervised = int(np.argmax(full.supervised))
-    examples, truncated = encode_rows(tiny_tokenizer, [ROW], "chat", True, first_supervised + 2, "f.jsonl")
-    assert truncated == 1 and len(examples[0].tokens) == first_supervised + 2
-    with pytest.raises(UserError, match="f.jsonl:1: no token left to train on"):
-        encode_rows(tiny_tokenizer, [ROW], "chat", True, first_supervised, "f.jsonl")
+    limit = len(full.tokens) - 3
+    examples, report = encode_rows(tiny_tokenizer, [ROW, ROW], "chat", True, limit, "f.jsonl")
+    assert report.truncated == 2 and len(examples[0].tokens) == limit
+    # the window ends where the answer ends: every answer token but none of the first 3 prompt tokens
+    assert examples[0].tokens.tolist() == full.tokens[3:].tolist()
+    assert examples[0].supervised.sum() == full.supervised.sum()
+    examples, report = encode_rows(tiny_tokenizer, [ROW], "chat", True, limit, "f.jsonl", long_rows="drop")
+    assert examples == [] and report.dropped == 1
+    short = encode_rows(tiny_tokenizer, [ROW], "chat", True, len(full.tokens), "f.jsonl")[1]
+    assert short.truncated == short.dropped == 0
 
 
 def test_no_chat_template_is_a_clear_error(tiny_tokenizer):

@@ -12,28 +12,99 @@ from tunelab.errors import UserError
 ROLES = ("system", "user", "assistant", "tool")
 
 
+def _check_tool_calls(calls, where):
+    if not isinstance(calls, list) or not calls:
+        return [(where, "expected a non-empty list of {type: function, function: {name, arguments}}")]
+    problems = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            problems.append((f"{where}[{j}].function.name", "expected the called function's name"))
+        elif not isinstance(fn.get("arguments", {}), (dict, str)):
+            problems.append((f"{where}[{j}].function.arguments", "expected an object (or a JSON string)"))
+    return problems
+
+
+def _check_message(m, where):
+    """Problems of one message; an assistant message may hold tool_calls instead of content."""
+    if not isinstance(m, dict):
+        return [(where, "expected an object with role and content")]
+    if m.get("role") not in ROLES:
+        return [(f"{where}.role", f"{m.get('role')!r} is not one of {', '.join(ROLES)}: use one of these roles")]
+    if m["role"] == "assistant" and "tool_calls" in m:
+        problems = _check_tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        if m.get("content") not in (None, "") and not isinstance(m.get("content"), str):
+            problems.append((f"{where}.content", "expected a string (or nothing, beside tool_calls)"))
+        return problems
+    if "content" not in m:
+        return [(f"{where}.content", "missing: every message needs its text")]
+    if not isinstance(m["content"], str):
+        return [(f"{where}.content", f"expected a string, got {type(m['content']).__name__}")]
+    if not m["content"].strip():
+        return [(f"{where}.content", "empty: remove the message or give it text")]
+    return []
+
+
+# role -> the roles that may come right before it (None: first message)
+_MAY_FOLLOW = {"system": (None,), "user": (None, "system", "assistant", "tool"),
+               "assistant": ("user", "tool"), "tool": ("assistant", "tool")}
+
+
+def _check_order(messages):
+    problems = []
+    for i, m in enumerate(messages):
+        before = messages[i - 1] if i else None
+        previous = before["role"] if before else None
+        if previous not in _MAY_FOLLOW[m["role"]]:
+            problems.append((f"messages[{i}].role", f"{m['role']} cannot follow "
+                             f"{previous or 'the start'}: order turns as system?, user, assistant, ..."))
+        elif m["role"] == "tool" and previous == "assistant" and "tool_calls" not in before:
+            problems.append((f"messages[{i}].role", "tool result without a tool call in the assistant "
+                             "message before it"))
+    return problems
+
+
 def _check_chat(row):
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         return [("messages", "expected a non-empty list of {role, content} objects")]
     problems = []
     for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            problems.append((where, "expected an object with role and content"))
-            continue
-        if m.get("role") not in ROLES:
-            problems.append((f"{where}.role", f"{m.get('role')!r} is not one of {', '.join(ROLES)}"))
-        if not isinstance(m.get("content"), str):
-            problems.append((f"{where}.content", "expected a string"))
-    if not problems and messages[-1]["role"] != "assistant":
+        problems += _check_message(m, f"messages[{i}]")
+    if problems:
+        return problems
+    problems += _check_order(messages)
+    if messages[-1]["role"] != "assistant":
         problems.append(("messages", "the last message must be the assistant's answer"))
+    uses_tools = any(m["role"] == "tool" or "tool_calls" in m for m in messages)
+    if "tools" in row:
+        problems += _check_tools(row["tools"])
+    elif uses_tools:
+        problems.append(("tools", "missing: a row with tool calls needs the list of tools the model may call"))
+    return problems
+
+
+def _check_tools(tools):
+    if not isinstance(tools, list) or not tools:
+        return [("tools", "expected a non-empty list of {type: function, function: {name, parameters}}")]
+    problems = []
+    for j, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            problems.append((f"tools[{j}].function.name", "expected the tool's name"))
     return problems
 
 
 def _check_completions(row):
-    return [(key, "expected a string") for key in ("prompt", "completion")
-            if not isinstance(row.get(key), str)]
+    problems = []
+    for key in ("prompt", "completion"):
+        if key not in row:
+            problems.append((key, "missing"))
+        elif not isinstance(row[key], str):
+            problems.append((key, f"expected a string, got {type(row[key]).__name__}"))
+        elif key == "completion" and not row[key].strip():
+            problems.append((key, "empty: there is nothing to train on"))
+    return problems
 
 
 def _check_text(row):
@@ -42,12 +113,15 @@ def _check_text(row):
     return []
 
 
-# Format name -> (the key that identifies it, the row check).
+# Format name -> (the key that identifies it, the row check). `tools` rows are chat rows with a
+# `tools` list (and assistant `tool_calls`, `tool` results); they may share a file with chat rows.
 FORMATS = {
+    "tools": ("tools", _check_chat),
     "chat": ("messages", _check_chat),
     "completions": ("prompt", _check_completions),
     "text": ("text", _check_text),
 }
+_FAMILY = {"tools": "chat", "chat": "chat", "completions": "completions", "text": "text"}
 
 
 def detect_format(row):
@@ -61,7 +135,8 @@ def json_lines(path, text):
     """The JSON objects of JSON Lines `text`, as (line number, object); and (line number, problem)
     for each bad line."""
     objects, problems = [], []
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines ends lines at "\n" only: str.splitlines would also break inside strings at \x85, \u2028, ...
+    for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -87,15 +162,17 @@ def read_rows(path):
     for line_no, row in objects:
         name = detect_format(row)
         if name is None:
-            problems.append((line_no, f"{path}:{line_no}: unknown row format: expected a 'messages', "
-                                      "'prompt'/'completion' or 'text' field"))
+            problems.append((line_no, f"{path}:{line_no}: unknown row format: expected a 'messages' (with "
+                                      "'tools' for tool calls), 'prompt'/'completion' or 'text' field"))
             continue
         if file_format is None:
             file_format = name
-        elif name != file_format:
+        elif _FAMILY[name] != _FAMILY[file_format]:
             problems.append((line_no, f"{path}:{line_no}: this row is {name} but earlier rows are "
                                       f"{file_format}: use one format per file"))
             continue
+        elif name == "tools":
+            file_format = "tools"
         problems += [(line_no, f"{path}:{line_no}: {field}: {what}") for field, what in FORMATS[name][1](row)]
         rows.append(row)
     if not rows and not problems:

@@ -57,6 +57,47 @@ def to_chat(row, opts, where):
     return chat, problems
 
 
+def _key(messages):
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False)
+
+
+def overlaps(splits):
+    """Exact duplicates inside each split, and valid/test rows whose prompt (or whole row) is in train."""
+    counts = {}
+    train_prompts = {_key(r["messages"][:-1]) for r in splits.get("train", [])}
+    train_rows = {_key(r["messages"]) for r in splits.get("train", [])}
+    for name, rows in splits.items():
+        keys = [_key(r["messages"]) for r in rows]
+        counts[f"{name}_duplicates"] = len(keys) - len(set(keys))
+        if name != "train":
+            counts[f"{name}_prompt_in_train"] = sum(_key(r["messages"][:-1]) in train_prompts for r in rows)
+            counts[f"{name}_row_in_train"] = sum(k in train_rows for k in keys)
+    return counts
+
+
+def dedupe(splits):
+    """Drop repeated rows inside each split (the first stays) and valid/test rows whose prompt is in train."""
+    train_prompts = {_key(r["messages"][:-1]) for r in splits["train"]}
+    out = {}
+    for name, rows in splits.items():
+        seen, kept = set(), []
+        for r in rows:
+            key = _key(r["messages"])
+            if key in seen or (name != "train" and _key(r["messages"][:-1]) in train_prompts):
+                continue
+            seen.add(key)
+            kept.append(r)
+        out[name] = kept
+    return out
+
+
+def describe_overlaps(counts):
+    parts = [f"{counts[f'{n}_duplicates']} repeated rows in {n}" for n in SPLITS if counts.get(f"{n}_duplicates")]
+    parts += [f"{counts[f'{n}_prompt_in_train']} {n} prompts also in train ({counts[f'{n}_row_in_train']} "
+              "with the same answer)" for n in ("valid", "test") if counts.get(f"{n}_prompt_in_train")]
+    return "; ".join(parts)
+
+
 def prepare(opts, log=print):
     """Write train/valid/test.jsonl into opts.out; returns {split: row count}."""
     _check_options(opts)
@@ -70,23 +111,42 @@ def prepare(opts, log=print):
         if len(rows) < opts.num_rows:
             raise UserError(f"{opts.source}: has {len(rows)} rows, fewer than --num-rows {opts.num_rows}")
         order = order[:opts.num_rows]
-    chat_rows, problems = [], []
+    chat_rows, problems, rejected = [], [], []
     for index in order:
         chat, row_problems = to_chat(rows[index], opts, f"{opts.source}: row {index + 1}")
+        if row_problems and opts.skip_invalid:
+            rejected.append({"source_row": index + 1, "problems": row_problems, "row": rows[index]})
+            continue
         chat_rows.append(chat)
         problems += row_problems
-    UserError.raise_if(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
+    if problems:
+        more = [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
+        raise UserError(problems[:20] + more + ["(--skip-invalid sets such rows aside in rejected.jsonl instead)"])
+    if rejected:
+        log(f"Skipped {len(rejected)} invalid rows of {opts.source}; they are in {out}/rejected.jsonl")
 
     n_test, n_valid = opts.test_rows, opts.valid_rows
     splits = {"test": chat_rows[:n_test], "valid": chat_rows[n_test:n_test + n_valid],
               "train": chat_rows[n_test + n_valid:]}
+    found = overlaps(splits)
+    if describe_overlaps(found):
+        log(f"Overlap: {describe_overlaps(found)}" + ("; dropping them (--dedupe)" if opts.dedupe else
+                                                      "; --dedupe drops them"))
+    if opts.dedupe:
+        splits = dedupe(splits)
     with atomic.atomic_dir(out) as tmp:
         for name in SPLITS:
             with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
                 for row in splits[name]:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if rejected:
+            with open(tmp / "rejected.jsonl", "w", encoding="utf-8") as f:
+                for r in rejected:
+                    f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
         atomic.write_json(tmp / runs.DATA_MANIFEST, {"source": opts.source, "split": opts.split, "seed": opts.seed,
-                                                     "rows": {name: len(splits[name]) for name in SPLITS}})
+                                                     "rows": {name: len(splits[name]) for name in SPLITS},
+                                                     "overlap_before_dedupe": found, "deduped": opts.dedupe,
+                                                     "rejected": len(rejected)})
     counts = {name: len(splits[name]) for name in SPLITS}
     log(f"Wrote {out}/: " + ", ".join(f"{name}.jsonl {counts[name]} rows" for name in SPLITS))
     return counts

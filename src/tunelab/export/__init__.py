@@ -42,7 +42,7 @@ def training_system_prompt(adapter_path):
         return None
     try:
         manifest = json.loads((Path(adapter_path) / runs.MANIFEST).read_text(encoding="utf-8"))
-        lines = (Path(manifest["options"]["data"]) / "train.jsonl").read_text(encoding="utf-8").splitlines()
+        lines = (Path(manifest["options"]["data"]) / "train.jsonl").read_text(encoding="utf-8").split("\n")
         rows = [json.loads(line) for line in lines if line.strip()]
     except (OSError, ValueError, KeyError, TypeError):
         return None
