@@ -43,6 +43,9 @@ class PrepareOptions:
     )
     out: str = opt("data", "Folder to write train.jsonl, valid.jsonl and test.jsonl into.", short="-o")
     split: str = opt("train", "Split of a Hugging Face dataset to read.")
+    dataset_config: str = opt(None, "Configuration (subset) name of a Hugging Face dataset.")
+    revision: str = opt(None, "Revision (branch, tag or commit) of a Hugging Face dataset.")
+    keep_splits: bool = opt(False, "Use the dataset's own train/validation/test splits instead of splitting one.")
     system: str = opt(
         "You are an text to SQL query translator. Users will ask you questions in English and you "
         "will generate a SQL query based on the provided SCHEMA.\nSCHEMA:\n{context}",
@@ -51,8 +54,9 @@ class PrepareOptions:
     user: str = opt("{question}", "User message template.")
     assistant: str = opt("{answer}", "Assistant message template.")
     num_rows: int = opt(150, "Rows to select after shuffling (-1: all).")
-    valid_rows: int = opt(25, "Rows for valid.jsonl.")
-    test_rows: int = opt(25, "Rows for test.jsonl; the rest go to train.jsonl.")
+    valid_rows: float = opt(25, "Rows for valid.jsonl: a count, or a share of the rows below 1 (e.g. 0.1).",
+                            kind=float)
+    test_rows: float = opt(25, "Rows for test.jsonl (a count or a share); the rest go to train.jsonl.", kind=float)
     seed: int = opt(0, "Seed for the shuffle (and for builtin:sql's generator).")
     overwrite: bool = opt(False, "Replace an existing output folder.")
     dedupe: bool = opt(False, "Drop repeated rows inside each split, and valid/test rows whose prompt is also in train.")
@@ -85,6 +89,8 @@ class LoraOptions:
     train_on: str = opt("all", "With --mask-prompt, which assistant turns of multi-turn chat rows to train on.",
                         choices=["all", "last"])
     chat_template: str = opt(None, "Chat template for a model without one: 'chatml' or a Jinja file.")
+    skip_invalid: bool = opt(False, "Leave out invalid data rows, writing them with their problems to "
+                             "<adapter-path>/rejected-<split>.jsonl, instead of stopping.")
     seed: int = opt(0, "Random seed (adapter init, batch order).")
     lora_rank: int = opt(8, "LoRA rank r.")
     lora_scale: float = opt(20.0, "LoRA scale (PEFT's lora_alpha / r).")

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from tunelab import adapters, engines, evaluate, models, runs
 from tunelab.data.batching import training_batches
-from tunelab.data.formats import read_rows
+from tunelab.data.formats import quarantine, read_rows, scan_rows
 from tunelab.data.templates import encode_rows, set_chat_template
 from tunelab.errors import UserError
 
@@ -53,7 +53,18 @@ def check_options(opts):
 
 def load_split(model, data_dir, split, opts, log):
     path = Path(data_dir) / f"{split}.jsonl"
-    rows, fmt = read_rows(path)
+    if opts.skip_invalid:
+        scanned, fmt, problems = scan_rows(path)
+        if problems:
+            dest = Path(opts.adapter_path or ".") / f"rejected-{split}.jsonl"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            skipped = quarantine(path, problems, dest)
+            log(f"{path.name}: skipped {skipped} invalid rows; they and their problems are in {dest}")
+        rows = [row for _, row in scanned]
+        if not rows:
+            raise UserError(f"{path}: no valid rows")
+    else:
+        rows, fmt = read_rows(path)
     examples, report = encode_rows(model.tokenizer, rows, fmt, opts.mask_prompt, opts.max_seq_length, str(path),
                                    long_rows=opts.long_rows, train_on=opts.train_on)
     if report.truncated or report.dropped:

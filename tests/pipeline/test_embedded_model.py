@@ -43,6 +43,26 @@ def test_imported_tokenizer_splits_digits_as_smollm2_does(smollm2_dir):
     assert tokenizer.tokenize("laps = 1202")[-4:] == ["1", "2", "0", "2"]
 
 
+def test_multi_turn_and_tools_masks_with_the_embedded_tokenizer(smollm2_dir):
+    """The same token-by-token checks as tests/unit/test_masks.py, on SmolLM2's own tokenizer."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from tests.conftest import MULTI_TURN, TOOLS_ROW, TOOLS_TEMPLATE
+    from tests.unit.test_masks import check_masks, runs
+    from tunelab.data.templates import check_renders_tools
+    from tunelab.errors import UserError
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    assert len(runs(check_masks(tokenizer, MULTI_TURN, "chat"))) == 2
+    with pytest.raises(UserError, match="train tools rows on a model whose template supports tools"):
+        check_renders_tools(tokenizer)            # SmolLM2's own template has no tools
+    with_tools = copy.deepcopy(tokenizer)
+    with_tools.chat_template = TOOLS_TEMPLATE
+    assert len(runs(check_masks(with_tools, TOOLS_ROW, "tools"))) == 2
+
+
 def test_mask_counts_exactly_the_assistant_tokens_with_the_real_template(smollm2_dir):
     from transformers import AutoTokenizer
 

@@ -163,3 +163,25 @@ def test_random_valid_rows_round_trip_through_prepare(tmp_path_factory):
         assert got == sorted(triples)
 
     round_trip()
+
+
+def test_the_sources_own_splits_are_kept(tmp_path):
+    pytest.importorskip("datasets")
+    repo = tmp_path / "dataset"
+    for name, n, seed in (("train", 12, 1), ("validation", 4, 2), ("test", 3, 3)):
+        write_jsonl(repo / f"{name}.jsonl", builtin_sql.generate(n, seed=seed))
+    counts = prepare(PrepareOptions(source=str(repo), out=str(tmp_path / "d"), keep_splits=True, num_rows=-1),
+                     log=lambda *_: None)
+    assert counts == {"train": 12, "valid": 4, "test": 3}
+    tests = sorted(r["messages"][-1]["content"] for r in read(tmp_path / "d" / "test.jsonl"))
+    assert tests == sorted(r["answer"] for r in builtin_sql.generate(3, seed=3))
+    with pytest.raises(UserError, match="--keep-splits: builtin:sql has no splits of its own"):
+        prepare(PrepareOptions(out=str(tmp_path / "e"), keep_splits=True), log=lambda *_: None)
+
+
+def test_split_sizes_by_share_or_count(tmp_path):
+    counts = prepare(PrepareOptions(out=str(tmp_path / "d"), num_rows=50, valid_rows=0.1, test_rows=0.2),
+                     log=lambda *_: None)
+    assert counts == {"train": 35, "valid": 5, "test": 10}
+    with pytest.raises(UserError, match="--valid-rows: a count \\(25\\) or a share below 1 \\(0.1\\), got 2.5"):
+        prepare(PrepareOptions(out=str(tmp_path / "e"), valid_rows=2.5), log=lambda *_: None)

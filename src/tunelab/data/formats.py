@@ -152,8 +152,9 @@ def json_lines(path, text):
     return objects, problems
 
 
-def read_rows(path):
-    """Read and validate a JSONL data file; return (rows, format name)."""
+def scan_rows(path):
+    """Read and check every line of a JSONL data file: (rows [(line, row)], format name, problems
+    [(line, text)]); rows with problems are left out of `rows`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: data file not found")
@@ -173,9 +174,31 @@ def read_rows(path):
             continue
         elif name == "tools":
             file_format = "tools"
-        problems += [(line_no, f"{path}:{line_no}: {field}: {what}") for field, what in FORMATS[name][1](row)]
-        rows.append(row)
+        found = [(line_no, f"{path}:{line_no}: {field}: {what}") for field, what in FORMATS[name][1](row)]
+        problems += found
+        if not found:
+            rows.append((line_no, row))
     if not rows and not problems:
         problems.append((0, f"{path}: the file has no rows"))
-    UserError.raise_if([text for _, text in sorted(problems, key=lambda p: p[0])])
-    return rows, file_format
+    return rows, file_format, sorted(problems, key=lambda p: p[0])
+
+
+def read_rows(path):
+    """Read and validate a JSONL data file; return (rows, format name), or raise every problem at once."""
+    rows, file_format, problems = scan_rows(path)
+    UserError.raise_if([text for _, text in problems])
+    return [row for _, row in rows], file_format
+
+
+def quarantine(path, problems, dest):
+    """Write the lines of `path` that have problems to `dest` (JSON Lines: line, problems, the raw text)."""
+    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    by_line = {}
+    for line_no, text in problems:
+        by_line.setdefault(line_no, []).append(text)
+    with open(dest, "w", encoding="utf-8") as f:
+        for line_no, texts in sorted(by_line.items()):
+            if line_no:
+                f.write(json.dumps({"line": line_no, "problems": texts, "text": lines[line_no - 1]},
+                                   ensure_ascii=False) + "\n")
+    return len([n for n in by_line if n])

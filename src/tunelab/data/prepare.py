@@ -22,9 +22,17 @@ def _check_options(opts):
         value = getattr(opts, name)
         if value < 0 and not (name == "num_rows" and value == -1):
             problems.append(f"--{name.replace('_', '-')}: must be >= 0, got {value}")
-    if opts.num_rows != -1 and opts.valid_rows + opts.test_rows >= opts.num_rows:
+    for name in ("valid_rows", "test_rows"):
+        value = getattr(opts, name)
+        if value >= 1 and value != int(value):
+            problems.append(f"--{name.replace('_', '-')}: a count (25) or a share below 1 (0.1), got {value}")
+    sizes = split_sizes(opts.num_rows, opts.valid_rows, opts.test_rows) if opts.num_rows != -1 else (0, 0)
+    if opts.num_rows != -1 and not opts.keep_splits and sum(sizes) >= opts.num_rows:
         problems.append(f"--valid-rows {opts.valid_rows} + --test-rows {opts.test_rows} leave no training rows "
                         f"out of --num-rows {opts.num_rows}")
+    if opts.keep_splits and (opts.source.startswith("builtin:") or Path(opts.source).is_file()):
+        problems.append(f"--keep-splits: {opts.source} has no splits of its own (use a Hugging Face dataset or a "
+                        "dataset folder), or leave it out to split by --valid-rows/--test-rows")
     for role in ("system", "user", "assistant"):
         try:
             _template_fields(getattr(opts, role))
@@ -98,36 +106,85 @@ def describe_overlaps(counts):
     return "; ".join(parts)
 
 
+def split_sizes(n, valid, test):
+    """(valid, test) row counts: a value below 1 is a share of the n rows, else a count."""
+    def size(v):
+        return int(round(v * n)) if 0 < v < 1 else int(v)
+    return size(valid), size(test)
+
+
+def _map_rows(rows, order, opts, where):
+    """Chat rows of rows[i] for i in order; (chat rows, problems, rejected rows)."""
+    chat_rows, problems, rejected = [], [], []
+    for index in order:
+        chat, row_problems = to_chat(rows[index], opts, f"{where}: row {index + 1}")
+        if row_problems and opts.skip_invalid:
+            rejected.append({"source": where, "source_row": index + 1, "problems": row_problems, "row": rows[index]})
+            continue
+        chat_rows.append(chat)
+        problems += row_problems
+    return chat_rows, problems, rejected
+
+
+# The source's own split names that --keep-splits maps onto train/valid/test.
+SOURCE_SPLITS = {"train": ("train",), "valid": ("validation", "valid", "dev"), "test": ("test",)}
+
+
+def _source_splits(opts):
+    """{split: rows} from the source's own splits (a Hugging Face dataset or a local dataset folder)."""
+    found = {}
+    for name, candidates in SOURCE_SPLITS.items():
+        for candidate in candidates:
+            try:
+                found[name] = read_source(opts.source, split=candidate, dataset_config=opts.dataset_config,
+                                          revision=opts.revision)
+                break
+            except UserError:
+                continue
+    if "train" not in found:
+        raise UserError(f"{opts.source}: --keep-splits needs a dataset with a train split")
+    return found
+
+
 def prepare(opts, log=print):
     """Write train/valid/test.jsonl into opts.out; returns {split: row count}."""
     _check_options(opts)
     out = Path(opts.out)
     if out.exists() and not opts.overwrite:
         raise UserError(f"{out}: output folder already exists; choose another --out or pass --overwrite")
-    rows = read_source(opts.source, split=opts.split, seed=opts.seed, num_rows=opts.num_rows)
-    order = list(range(len(rows)))
-    random.Random(opts.seed).shuffle(order)
-    if opts.num_rows != -1:
-        if len(rows) < opts.num_rows:
-            raise UserError(f"{opts.source}: has {len(rows)} rows, fewer than --num-rows {opts.num_rows}")
-        order = order[:opts.num_rows]
-    chat_rows, problems, rejected = [], [], []
-    for index in order:
-        chat, row_problems = to_chat(rows[index], opts, f"{opts.source}: row {index + 1}")
-        if row_problems and opts.skip_invalid:
-            rejected.append({"source_row": index + 1, "problems": row_problems, "row": rows[index]})
-            continue
-        chat_rows.append(chat)
-        problems += row_problems
+    problems, rejected = [], []
+    if opts.keep_splits:
+        splits = {}
+        for name, rows in _source_splits(opts).items():
+            order = list(range(len(rows)))
+            random.Random(opts.seed).shuffle(order)
+            if name == "train" and opts.num_rows != -1:
+                order = order[:opts.num_rows]
+            splits[name], p, r = _map_rows(rows, order, opts, f"{opts.source}[{name}]")
+            problems, rejected = problems + p, rejected + r
+        for name in SPLITS:
+            splits.setdefault(name, [])
+    else:
+        rows = read_source(opts.source, split=opts.split, seed=opts.seed, num_rows=opts.num_rows,
+                           dataset_config=opts.dataset_config, revision=opts.revision)
+        order = list(range(len(rows)))
+        random.Random(opts.seed).shuffle(order)
+        if opts.num_rows != -1:
+            if len(rows) < opts.num_rows:
+                raise UserError(f"{opts.source}: has {len(rows)} rows, fewer than --num-rows {opts.num_rows}")
+            order = order[:opts.num_rows]
+        chat_rows, problems, rejected = _map_rows(rows, order, opts, opts.source)
+        n_valid, n_test = split_sizes(len(chat_rows), opts.valid_rows, opts.test_rows)
+        if not problems and n_valid + n_test >= len(chat_rows):
+            raise UserError(f"{opts.source}: {len(chat_rows)} usable rows leave none for training after "
+                            f"{n_valid} valid and {n_test} test rows")
+        splits = {"test": chat_rows[:n_test], "valid": chat_rows[n_test:n_test + n_valid],
+                  "train": chat_rows[n_test + n_valid:]}
     if problems:
         more = [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
         raise UserError(problems[:20] + more + ["(--skip-invalid sets such rows aside in rejected.jsonl instead)"])
     if rejected:
         log(f"Skipped {len(rejected)} invalid rows of {opts.source}; they are in {out}/rejected.jsonl")
-
-    n_test, n_valid = opts.test_rows, opts.valid_rows
-    splits = {"test": chat_rows[:n_test], "valid": chat_rows[n_test:n_test + n_valid],
-              "train": chat_rows[n_test + n_valid:]}
     found = overlaps(splits)
     if describe_overlaps(found):
         log(f"Overlap: {describe_overlaps(found)}" + ("; dropping them (--dedupe)" if opts.dedupe else

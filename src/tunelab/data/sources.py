@@ -52,7 +52,7 @@ def read_local(path):
     return rows
 
 
-def read_hub(dataset_id, split):
+def read_hub(dataset_id, split, dataset_config=None, revision=None):
     """Load a Hugging Face dataset split (the datasets library's cache and offline mode apply)."""
     try:
         import datasets
@@ -60,14 +60,14 @@ def read_hub(dataset_id, split):
         raise UserError(f"{dataset_id}: reading Hugging Face datasets needs the datasets package: "
                         "pip install 'tunelab[datasets]'") from None
     try:
-        dataset = datasets.load_dataset(dataset_id, split=split)
+        dataset = datasets.load_dataset(dataset_id, name=dataset_config, split=split, revision=revision)
     except Exception as e:  # the library raises many types; the user needs the message
         raise UserError(f"{dataset_id}: could not load split {split!r} of this Hugging Face dataset: "
                         f"{type(e).__name__}: {e}") from None
     return [dict(row) for row in dataset]
 
 
-def read_source(source, split="train", seed=0, num_rows=150):
+def read_source(source, split="train", seed=0, num_rows=150, dataset_config=None, revision=None):
     """Return the rows of `source` as a list of dicts."""
     if source.startswith("builtin:"):
         from tunelab.data import builtin_sql
@@ -78,9 +78,9 @@ def read_source(source, split="train", seed=0, num_rows=150):
         return builtin_sql.generate(max(num_rows, 1) if num_rows >= 0 else 1000, seed)
     path = Path(source)
     if path.is_dir():  # a local copy of a dataset repository: the datasets library reads it
-        return read_hub(str(path), split)
+        return read_hub(str(path), split, dataset_config, revision)
     if path.suffix in LOCAL_SUFFIXES or path.exists():
         if not path.exists():
             raise UserError(f"{path}: source file not found")
         return read_local(path)
-    return read_hub(source, split)
+    return read_hub(source, split, dataset_config, revision)

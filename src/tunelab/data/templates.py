@@ -209,8 +209,13 @@ def encode_rows(tokenizer, rows, fmt, mask_prompt, max_seq_length, where, long_r
     """Encode every row (every problem reported at once); a row longer than max_seq_length is
     truncated or dropped per `long_rows`, and counted. Returns (examples, EncodeReport)."""
     eot_ids = end_of_turn_ids(tokenizer)
-    if fmt == "tools":
-        check_renders_tools(tokenizer)
+    try:
+        if fmt != "text":          # once for the file, not once per row
+            check_chat_template(tokenizer)
+        if fmt == "tools":
+            check_renders_tools(tokenizer)
+    except UserError as e:
+        raise UserError([f"{where}: {p}" for p in e.problems]) from None
     report = EncodeReport(rows=len(rows), notes=set())
     examples, problems = [], []
     for i, row in enumerate(rows, start=1):
