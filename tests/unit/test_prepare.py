@@ -185,3 +185,17 @@ def test_split_sizes_by_share_or_count(tmp_path):
     assert counts == {"train": 35, "valid": 5, "test": 10}
     with pytest.raises(UserError, match="--valid-rows: a count \\(25\\) or a share below 1 \\(0.1\\), got 2.5"):
         prepare(PrepareOptions(out=str(tmp_path / "e"), valid_rows=2.5), log=lambda *_: None)
+
+
+def test_csv_column_named_by_the_mapping_but_missing(tmp_path):
+    src = tmp_path / "src.csv"
+    with open(src, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["question", "answer"])
+        w.writeheader()
+        w.writerows({"question": f"q{i}", "answer": f"a{i}"} for i in range(10))
+    with pytest.raises(UserError) as e:
+        prepare(PrepareOptions(source=str(src), out=str(tmp_path / "d"), num_rows=10, valid_rows=2, test_rows=2),
+                log=lambda *_: None)
+    assert f"{src}: row " in e.value.problems[0]
+    assert "context: field missing from the source row (it has: answer, question); change --system" \
+        in e.value.problems[0]
