@@ -164,6 +164,9 @@ def lora(opts, log=print):
         log(f"Training {len(spec.modules())} LoRA modules (rank {spec.rank}, scale {spec.scale:g}) on the top "
             f"{spec.num_layers} blocks; {len(train_set)} rows, {tokens} tokens, "
             f"{100 * supervised / tokens:.0f}% supervised")
+        for line in engine.savings(model, len(train_set) + len(valid_set),
+                                   tokens + sum(len(ex.tokens) for ex in valid_set)):
+            log(f"Saving: {line}")
         train_loop(engine, model, train_set, valid_set, opts, run_dir, log=log)
     if opts.test:
         test_set = load_split(model, opts.data, "test", opts, log)

@@ -10,6 +10,7 @@ class Batch:
     tokens: np.ndarray      # [B, T] int64, right-padded with 0
     supervised: np.ndarray  # [B, T] bool, False on padding
     lengths: np.ndarray     # [B] int64, real tokens per row
+    keys: tuple = None      # one hashable key per row, the same every time the row comes back (for caches)
 
     @property
     def attention_mask(self):  # [B, T] int64
@@ -24,14 +25,15 @@ class Batch:
         return int(self.supervised.sum())
 
 
-def collate(examples):
+def collate(examples, keys=None):
     width = max(len(ex.tokens) for ex in examples)
     tokens = np.zeros((len(examples), width), dtype=np.int64)
     supervised = np.zeros((len(examples), width), dtype=bool)
     for row, ex in enumerate(examples):
         tokens[row, :len(ex.tokens)] = ex.tokens
         supervised[row, :len(ex.tokens)] = ex.supervised
-    return Batch(tokens, supervised, np.array([len(ex.tokens) for ex in examples], dtype=np.int64))
+    return Batch(tokens, supervised, np.array([len(ex.tokens) for ex in examples], dtype=np.int64),
+                 tuple(keys) if keys is not None else None)
 
 
 def _length_groups(examples, batch_size):
@@ -45,7 +47,7 @@ def training_batches(examples, batch_size, seed):
     rng = np.random.default_rng(seed)
     while True:
         for g in rng.permutation(len(groups)):
-            yield collate([examples[i] for i in groups[g]])
+            yield collate([examples[i] for i in groups[g]], keys=[(id(examples), int(i)) for i in groups[g]])
 
 
 def eval_batches(examples, batch_size, max_batches=-1):
@@ -54,4 +56,4 @@ def eval_batches(examples, batch_size, max_batches=-1):
     if max_batches != -1:
         groups = groups[:max_batches]
     for g in groups:
-        yield collate([examples[i] for i in g])
+        yield collate([examples[i] for i in g], keys=[(id(examples), int(i)) for i in g])

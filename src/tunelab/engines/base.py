@@ -6,6 +6,7 @@ An engine is a module with these functions (`Model` is the engine's own handle):
   attach_lora(model, spec, seed)                      fresh adapters (A random, B zero)
   set_adapter(model, spec, tensors)                   adapters from numpy tensors (adapters.load)
   adapter_tensors(model) -> {module: (A, B)}          numpy copies, for adapters.save
+  savings(model, rows, tokens) -> [str]               what the training step saves, and its memory cost
   make_optimizer(model, learning_rate) -> Optimizer
   train_step(model, optimizer, batch) -> StepResult   one Adam step on a batching.Batch
   eval_loss(model, batch) -> (loss_sums, counts)     per row [B]: summed cross-entropy over its

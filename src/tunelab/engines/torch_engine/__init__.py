@@ -4,10 +4,11 @@ The loss is computed exactly, on supervised positions only: the output projectio
 SmolLM2's 135M parameters) runs on the ~15-25% of positions that have a label, not on all.
 """
 
+import contextlib
 import inspect
 import resource
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +27,21 @@ class Model:
     device: torch.device
     dtype: torch.dtype
     spec: object = None          # adapters.AdapterSpec when adapters are attached
+    prefix: "PrefixCache" = None  # outputs of the frozen blocks below the lowest adapted one, per row
+
+
+PREFIX_CACHE_BUDGET = 2 * 1024**3   # bytes of cached activations; rows beyond it are recomputed
+
+
+@dataclass
+class PrefixCache:
+    """Output of blocks [0, first) for each row, computed once: those blocks are frozen and have no
+    dropout, so every epoch would compute exactly the same values again."""
+    first: int                   # index of the lowest block with adapters
+    budget: int = PREFIX_CACHE_BUDGET
+    rows: dict = field(default_factory=dict)   # batch key -> float tensor [T, H]
+    used: int = 0
+    full: bool = False
 
 
 def pick_device(device="auto"):
@@ -100,6 +116,22 @@ def attach_lora(m, spec, seed=0):
     if missing:
         raise UserError(f"the model has no module {missing[0]} to adapt ({len(missing)} missing); "
                         "check --lora-keys and --num-layers")
+    first = min(spec.layers)
+    config = m.model.get_base_model().config
+    if first > 0 and not getattr(config, "attention_dropout", 0.0):
+        m.prefix = PrefixCache(first)
+
+
+def savings(m, rows, tokens):
+    """What the training step saves, and what that costs in memory, in lines for the user."""
+    lines = ["output projection and loss only at supervised positions; no backward below the lowest adapted block"]
+    if m.prefix is not None:
+        hidden = m.model.get_base_model().config.hidden_size
+        need = tokens * hidden * 4
+        fits = "" if need <= m.prefix.budget else f"; only about {m.prefix.budget / need:.0%} of rows fit the budget"
+        lines.append(f"frozen-prefix cache: blocks 0-{m.prefix.first - 1} run once per row, not once per epoch "
+                     f"({need / 1e6:,.0f} MB for {rows} rows{fits})")
+    return lines
 
 
 def _lora_modules(m):
@@ -150,13 +182,55 @@ def _causal_lm(m):
     return lm.model, lm.lm_head
 
 
+@contextlib.contextmanager
+def _only_blocks(body, blocks, final_norm=True):
+    """Run the transformer body over `blocks` only (and without its final norm when final_norm is False)."""
+    layers, norm = body.layers, body.norm
+    body.layers = torch.nn.ModuleList(list(layers)[blocks])
+    if not final_norm:
+        body.norm = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        body.layers, body.norm = layers, norm
+
+
+def _prefix_hidden(m, body, batch, tokens, attention):
+    """Output of the frozen blocks below the adapted ones [B, T, H], from the cache where it has the rows."""
+    cache, keys = m.prefix, batch.keys
+    if keys is None or any(k not in cache.rows for k in keys):
+        with torch.no_grad(), _only_blocks(body, slice(0, cache.first), final_norm=False):
+            hidden = body(input_ids=tokens, attention_mask=attention).last_hidden_state
+        if keys is not None and not cache.full:
+            for row, key in enumerate(keys):
+                length = int(batch.lengths[row]) - 1
+                size = length * hidden.shape[-1] * hidden.element_size()
+                if cache.used + size > cache.budget:
+                    cache.full = True
+                    break
+                cache.rows[key] = hidden[row, :length].clone()
+                cache.used += size
+        return hidden
+    hidden = torch.zeros((len(keys), tokens.shape[1], body.config.hidden_size), dtype=m.dtype, device=m.device)
+    for row, key in enumerate(keys):
+        cached = cache.rows[key]
+        hidden[row, :cached.shape[0]] = cached
+    return hidden
+
+
 def _token_losses(m, batch):
     """Cross-entropy of each supervised target [N] and its row [N]; logits only where there is a label."""
     tokens = torch.from_numpy(batch.tokens).to(m.device)
     attention = torch.from_numpy(batch.attention_mask).to(m.device)
     targeted = torch.from_numpy(batch.supervised[:, 1:]).to(m.device)   # [B, T-1]
     body, head = _causal_lm(m)
-    hidden = body(input_ids=tokens[:, :-1], attention_mask=attention[:, :-1]).last_hidden_state
+    inputs, mask = tokens[:, :-1], attention[:, :-1]
+    if m.prefix is not None:
+        start = _prefix_hidden(m, body, batch, inputs, mask)
+        with _only_blocks(body, slice(m.prefix.first, None)):
+            hidden = body(inputs_embeds=start, attention_mask=mask).last_hidden_state
+    else:
+        hidden = body(input_ids=inputs, attention_mask=mask).last_hidden_state
     logits = head(hidden[targeted]).float()                              # [N, V]
     losses = F.cross_entropy(logits, tokens[:, 1:][targeted], reduction="none")
     return losses, targeted.nonzero()[:, 0]
@@ -284,6 +358,7 @@ def fuse(m, save_dir):
     m.tokenizer.save_pretrained(str(save_dir))
     m.model = merged
     m.spec = None
+    m.prefix = None
 
 
 def peak_memory():
