@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from tunelab.data.batching import collate, eval_batches, training_batches
