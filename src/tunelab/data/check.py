@@ -14,7 +14,7 @@ import numpy as np
 from tunelab import models
 from tunelab.data.formats import read_rows
 from tunelab.data.prepare import SPLITS, describe_overlaps, overlaps
-from tunelab.data.templates import encode_row, encode_rows, set_chat_template
+from tunelab.data.templates import encode_rows, set_chat_template
 from tunelab.errors import UserError
 
 BAR_WIDTH = 40
@@ -53,7 +53,7 @@ def check(opts, log=print):
     tokenizer = AutoTokenizer.from_pretrained(str(models.resolve(opts.model, log=log)))
     if opts.chat_template:
         set_chat_template(tokenizer, opts.chat_template)
-    loaded, problems, stats = {}, [], {}
+    loaded, problems, stats, encoded = {}, [], {}, {}
     for split in present:
         try:
             loaded[split] = read_rows(data / f"{split}.jsonl")
@@ -64,6 +64,7 @@ def check(opts, log=print):
     for split, (rows, fmt) in loaded.items():
         path = data / f"{split}.jsonl"
         full, _ = encode_rows(tokenizer, rows, fmt, opts.mask_prompt, 1 << 30, str(path), train_on=opts.train_on)
+        encoded[split] = full
         lengths = np.array([len(ex.tokens) for ex in full])
         supervised = sum(int(ex.supervised.sum()) for ex in full)
         too_long = int((lengths > opts.max_seq_length).sum())
@@ -88,8 +89,7 @@ def check(opts, log=print):
         stats["overlap"] = found
         log(f"\nDuplicates and leakage: {describe_overlaps(found) or 'none'}")
     first_split = "train" if "train" in loaded else present[0]
-    rows, fmt = loaded[first_split]
-    example = encode_row(tokenizer, rows[0], fmt, opts.mask_prompt, train_on=opts.train_on)
+    example = encoded[first_split][0]     # no limit and no row left out: index 0 is the file's first row
     color = sys.stdout.isatty()
     log(f"\n{first_split}.jsonl row 1 as the model sees it ({example.tokens.size} tokens; supervised "
         f"{'in green' if color else 'between [[ and ]]'}):\n")

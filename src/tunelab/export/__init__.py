@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from tunelab import adapters, atomic, models, runs
+from tunelab.data.formats import read_rows
 from tunelab.errors import UserError
 from tunelab.export import gguf_file, places
 
@@ -31,8 +32,8 @@ def check_options(opts, out):
         problems.append(f"--out {out}: the file name should end in .gguf")
     if out.exists() and not opts.overwrite:
         problems.append(f"--out {out}: exists; choose another name or pass --overwrite")
-    if opts.to == "gguf-lora" and opts.outtype not in ("f32", "f16", "bf16", "q8_0"):
-        problems.append(f"--outtype {opts.outtype}: a GGUF LoRA file is written as f32, f16, bf16 or q8_0")
+    if opts.to == "gguf-lora" and opts.outtype not in gguf_file.LORA_OUTTYPES:
+        problems.append(f"--outtype {opts.outtype}: a GGUF LoRA file is written as {', '.join(gguf_file.LORA_OUTTYPES)}")
     UserError.raise_if(problems)
 
 
@@ -42,9 +43,8 @@ def training_system_prompt(adapter_path):
         return None
     try:
         manifest = json.loads((Path(adapter_path) / runs.MANIFEST).read_text(encoding="utf-8"))
-        lines = (Path(manifest["options"]["data"]) / "train.jsonl").read_text(encoding="utf-8").split("\n")
-        rows = [json.loads(line) for line in lines if line.strip()]
-    except (OSError, ValueError, KeyError, TypeError):
+        rows, _ = read_rows(Path(manifest["options"]["data"]) / "train.jsonl")
+    except (OSError, ValueError, KeyError, TypeError, UserError):
         return None
     systems = {r["messages"][0]["content"] if r.get("messages") and r["messages"][0].get("role") == "system" else None
                for r in rows}
@@ -68,8 +68,8 @@ def export(opts, log=print):
     arch = gguf_file.check_architecture(config, model_dir)
     name = opts.name or out.stem
     lmstudio = places.lmstudio_target(out, opts.lmstudio) if opts.lmstudio is not None else None
-    if lmstudio is not None and lmstudio.exists() and not opts.overwrite:
-        raise UserError(f"{lmstudio}: LM Studio already has a model file here; pass --overwrite to replace it")
+    if lmstudio is not None:
+        places.refuse_existing(lmstudio, opts.overwrite)   # before any work, not after the export
     written = {"gguf": out}
 
     if opts.to == "gguf":

@@ -30,6 +30,8 @@ OUTTYPES = {
     "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
 }
 
+LORA_OUTTYPES = ("f32", "f16", "bf16", "q8_0")   # what a GGUF LoRA file is written as
+
 # HF architecture class -> GGUF architecture (the families whose tensors share llama's layout)
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 
@@ -187,12 +189,17 @@ def model_tensors(source):
     for hf_name, w in source.weights.items():
         if hf_name == "lm_head.weight" and tied:
             continue
-        if source.arch == "llama" and hf_name.endswith("self_attn.q_proj.weight"):
-            w = models.permute_rows(w, c["num_attention_heads"])
-        elif source.arch == "llama" and hf_name.endswith("self_attn.k_proj.weight"):
-            w = models.permute_rows(w, c.get("num_key_value_heads", c["num_attention_heads"]))
-        out.append((_gguf_name(name_map, hf_name), w))
+        out.append((_gguf_name(name_map, hf_name), _llama_rows(c, source.arch, hf_name.removesuffix(".weight"), w)))
     return sorted(out, key=lambda t: _file_order(t[0]))
+
+
+def _llama_rows(config, arch, module, w):
+    """`w` (rows = the output features of `module`) with llama.cpp's Q/K row interleaving where it applies."""
+    if arch == "llama" and module.endswith("self_attn.q_proj"):
+        return models.permute_rows(w, config["num_attention_heads"])
+    if arch == "llama" and module.endswith("self_attn.k_proj"):
+        return models.permute_rows(w, config.get("num_key_value_heads", config["num_attention_heads"]))
+    return w
 
 
 def _file_order(name):
@@ -252,26 +259,29 @@ def _add_model_metadata(writer, source, name, outtype):
         writer.add_chat_template(tok["chat_template"])
 
 
-def _write(writer):
+def _write(writer, tensors, outtype):
+    """Add the tensors in the outtype and write the file; return {gguf name: (source, written data, type)}."""
+    from gguf import GGMLQuantizationType
+
+    written = {}
+    for gguf_name, w in tensors:
+        data, qtype = encode(w, outtype)
+        writer.add_tensor(gguf_name, data, raw_dtype=GGMLQuantizationType[qtype] if data.dtype == np.uint8 else None)
+        written[gguf_name] = (w, data, qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return written
 
 
 def write_model(path, source, outtype, name):
-    """Write the model GGUF to `path`; return {gguf name: (written data, type)} for verification."""
+    """Write the model GGUF to `path`; return what was written, for `verify`."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), source.arch)
     _add_model_metadata(writer, source, name, outtype)
-    written = {}
-    for gguf_name, w in model_tensors(source):
-        data, qtype = encode(w, outtype)
-        writer.add_tensor(gguf_name, data, raw_dtype=gguf.GGMLQuantizationType[qtype] if data.dtype == np.uint8 else None)
-        written[gguf_name] = (w, data, qtype)
-    _write(writer)
-    return written
+    return _write(writer, model_tensors(source), outtype)
 
 
 def lora_tensors(config, arch, spec, tensors):
@@ -282,11 +292,7 @@ def lora_tensors(config, arch, spec, tensors):
     name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), config["num_hidden_layers"])
     out = []
     for module, (a, b) in tensors.items():
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        if arch == "llama" and module.endswith("self_attn.q_proj"):
-            b = models.permute_rows(b, config["num_attention_heads"])
-        elif arch == "llama" and module.endswith("self_attn.k_proj"):
-            b = models.permute_rows(b, config.get("num_key_value_heads", config["num_attention_heads"]))
+        a, b = np.asarray(a, np.float32), _llama_rows(config, arch, module, np.asarray(b, np.float32))
         base = _gguf_name(name_map, f"{module}.weight")
         out += [(f"{base}.lora_a", a), (f"{base}.lora_b", b)]
     return sorted(out, key=lambda t: _file_order(t[0]))
@@ -296,20 +302,12 @@ def write_lora(path, config, arch, spec, tensors, outtype, name):
     """The adapter alone as a GGUF LoRA file (llama.cpp --lora, Ollama ADAPTER); scale = alpha / r."""
     import gguf
 
-    if outtype not in ("f32", "f16", "bf16", "q8_0"):
-        raise UserError(f"--outtype {outtype}: a GGUF LoRA file is written as f32, f16, bf16 or q8_0")
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_name(name)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(spec.scale * spec.rank))
-    written = {}
-    for gguf_name, w in lora_tensors(config, arch, spec, tensors):
-        data, qtype = encode(w, outtype)
-        writer.add_tensor(gguf_name, data, raw_dtype=gguf.GGMLQuantizationType[qtype] if data.dtype == np.uint8 else None)
-        written[gguf_name] = (w, data, qtype)
-    _write(writer)
-    return written
+    return _write(writer, lora_tensors(config, arch, spec, tensors), outtype)
 
 
 # ---- reading it back -------------------------------------------------------------------------------

@@ -45,9 +45,13 @@ def lmstudio_target(gguf_path, name):
     return lmstudio_models_dir() / (publisher or "tunelab") / model / Path(gguf_path).name
 
 
-def place_in_lmstudio(gguf_path, target, overwrite):
+def refuse_existing(target, overwrite):
     if target.exists() and not overwrite:
         raise UserError(f"{target}: LM Studio already has a model file here; pass --overwrite to replace it")
+
+
+def place_in_lmstudio(gguf_path, target, overwrite):
+    refuse_existing(target, overwrite)
     with atomic.atomic_path(target) as tmp:
         shutil.copyfile(gguf_path, tmp)
     return target

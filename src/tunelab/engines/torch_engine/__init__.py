@@ -117,7 +117,7 @@ def attach_lora(m, spec, seed=0):
         raise UserError(f"the model has no module {missing[0]} to adapt ({len(missing)} missing); "
                         "check --lora-keys and --num-layers")
     first = min(spec.layers)
-    config = m.model.get_base_model().config
+    config = _base_lm(m).config
     if first > 0 and not getattr(config, "attention_dropout", 0.0):
         m.prefix = PrefixCache(first)
 
@@ -126,7 +126,7 @@ def savings(m, rows, tokens):
     """What the training step saves, and what that costs in memory, in lines for the user."""
     lines = ["output projection and loss only at supervised positions; no backward below the lowest adapted block"]
     if m.prefix is not None:
-        hidden = m.model.get_base_model().config.hidden_size
+        hidden = _base_lm(m).config.hidden_size
         need = tokens * hidden * 4
         fits = "" if need <= m.prefix.budget else f"; only about {m.prefix.budget / need:.0%} of rows fit the budget"
         lines.append(f"frozen-prefix cache: blocks 0-{m.prefix.first - 1} run once per row, not once per epoch "
@@ -176,9 +176,14 @@ def make_optimizer(m, learning_rate):
     return torch.optim.Adam(params, lr=learning_rate)
 
 
+def _base_lm(m):
+    """The causal LM inside a PEFT wrapper (or the model itself when there is none)."""
+    return m.model.get_base_model() if hasattr(m.model, "get_base_model") else m.model
+
+
 def _causal_lm(m):
     """The (possibly PEFT-wrapped) causal LM's transformer body and output projection."""
-    lm = m.model.get_base_model() if hasattr(m.model, "get_base_model") else m.model
+    lm = _base_lm(m)
     return lm.model, lm.lm_head
 
 
@@ -325,16 +330,14 @@ def generate_batch(m, prompts, max_tokens=256, temp=0.0, top_p=1.0, seed=0, stop
 
 def _cache_arg(m):
     """transformers 5.2x names the KV cache `cache`; earlier releases `past_key_values`."""
-    lm = m.model.get_base_model() if hasattr(m.model, "get_base_model") else m.model
-    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(_base_lm(m).forward).parameters else "past_key_values"
 
 
 def _last_logits_only(m):
     """The forward argument that computes logits for the last position only (a prompt's other
     positions would cost the output projection [T, vocab] for nothing)."""
-    lm = m.model.get_base_model() if hasattr(m.model, "get_base_model") else m.model
     for name in ("logits_to_keep", "num_logits_to_keep"):
-        if name in inspect.signature(lm.forward).parameters:
+        if name in inspect.signature(_base_lm(m).forward).parameters:
             return {name: 1}
     return {}
 
