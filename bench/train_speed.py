@@ -9,10 +9,16 @@ the machine hits both alike.
 
     pip install trl                      # TRL's SFTTrainer, with accelerate
     python bench/train_speed.py --iters 200 --rounds 2
+    python bench/train_speed.py --workload W2 --model qwen2.5-0.5b-shape --device cuda --dtype bfloat16
+
+`--model qwen2.5-0.5b-shape` is a randomly initialised model with Qwen2.5-0.5B's shape (24 blocks,
+hidden 896, 151,936-token vocabulary, tied embeddings) and SmolLM2's tokenizer (the rows' token ids
+all fall inside the larger vocabulary): the speed of a step depends on the shape, not the weights.
 
 Reported per run: seconds per iteration and real (non-padding) tokens per second over the
 training steps, supervised tokens per second, peak resident memory of the process, and the
-training loss at fixed iterations (mean of each 10-step window).
+training loss at fixed iterations (mean of each 10-step window), and the effective model FLOP/s
+as a fraction of the machine's measured matrix-product peak (formula in `model_flops`).
 """
 
 import argparse
@@ -28,6 +34,10 @@ from pathlib import Path
 RANK, SCALE, LR = 8, 20.0, 1e-4
 WORKLOADS = {"W1": {"rows": 150, "layers": 4, "batch": 1}, "W2": {"rows": 1050, "layers": -1, "batch": 4}}
 LAYERS, BATCH = 4, 1     # set from --workload
+DEVICE, DTYPE = "cpu", "float32"   # set from --device / --dtype
+QWEN_SHAPE = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True)
 # TRL turns gradient checkpointing on by default, which recomputes the forward pass and makes the
 # input embeddings require grad (so backward runs through every block). Off gives TRL its best time
 # here, where memory is plentiful; --trl-defaults measures it as it comes.
@@ -65,11 +75,13 @@ def run_tunelab(model_dir, folder, iters, out):
     started = time.perf_counter()
     lora(LoraOptions(model=str(model_dir), data=str(folder), train=True, iters=iters, batch_size=BATCH,
                      num_layers=LAYERS, mask_prompt=True, learning_rate=LR, steps_per_report=10,
-                     steps_per_eval=iters, save_every=iters, val_batches=1, adapter_path=str(run)),
+                     steps_per_eval=iters, save_every=iters, val_batches=1, adapter_path=str(run),
+                     device=DEVICE, dtype=DTYPE),
          log=lambda *_: None)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().split("\n") if line]
     train = [r for r in records if "train_loss" in r]
-    step_seconds = sum(10 / r["iterations_per_s"] for r in train)
+    steps = [0] + [r["step"] for r in train]       # each record covers the steps since the one before
+    step_seconds = sum((steps[k + 1] - steps[k]) / r["iterations_per_s"] for k, r in enumerate(train))
     return {"losses": {r["step"]: r["train_loss"] for r in train}, "train_seconds": step_seconds,
             "wall_seconds": time.perf_counter() - started}
 
@@ -83,28 +95,32 @@ def run_trl(model_dir, folder, iters, out):
 
     torch.manual_seed(0)
     data = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows(folder)])
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, DTYPE))
     n_layers = model.config.num_hidden_layers
     layers = list(range(n_layers)) if LAYERS == -1 else list(range(n_layers - LAYERS, n_layers))
     peft_config = LoraConfig(r=RANK, lora_alpha=SCALE * RANK, lora_dropout=0.0, target_modules=LINEAR,
                              layers_to_transform=layers, task_type="CAUSAL_LM")
     step_times, losses = [], {}
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else lambda: None   # time the GPU's work, not its queueing
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            sync()
             self.t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            sync()
             step_times.append(time.perf_counter() - self.t)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 losses[state.global_step] = logs["loss"]
 
+
     config = SFTConfig(output_dir=str(Path(out).parent / "trl-run"), per_device_train_batch_size=BATCH, max_steps=iters,
                        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                        optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, logging_steps=10, save_strategy="no",
-                       report_to=[], use_cpu=True, bf16=False, fp16=False, completion_only_loss=True,
+                       report_to=[], use_cpu=DEVICE == "cpu", bf16=DTYPE == "bfloat16", fp16=False, completion_only_loss=True,
                        dataloader_num_workers=0, seed=0, max_length=2048,
                        gradient_checkpointing=GRADIENT_CHECKPOINTING)
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, peft_config=peft_config,
@@ -127,18 +143,76 @@ def run_trl_defaults(model_dir, folder, iters, out):
 RUNNERS = {"tunelab": run_tunelab, "trl": run_trl, "trl-defaults": run_trl_defaults}
 
 
-def use_workload(name):
-    global LAYERS, BATCH
-    LAYERS, BATCH = WORKLOADS[name]["layers"], WORKLOADS[name]["batch"]
+def use_workload(args):
+    global LAYERS, BATCH, DEVICE, DTYPE
+    LAYERS, BATCH = WORKLOADS[args.workload]["layers"], WORKLOADS[args.workload]["batch"]
+    DEVICE, DTYPE = args.device, args.dtype
+
+
+def build_model(args, folder):
+    """The model folder the tools train: the embedded SmolLM2, or a random model of Qwen2.5-0.5B's shape."""
+    from tunelab import models
+
+    if args.model == "smollm2":
+        return models.resolve("smollm2", log=lambda *_: None)
+    tokenizer = Path(args.tokenizer) if args.tokenizer else models.resolve("smollm2", log=lambda *_: None)
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(**QWEN_SHAPE)
+    config.rope_parameters = {"rope_type": "default", "rope_theta": QWEN_SHAPE["rope_theta"]}
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(folder), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(str(folder))
+    if (tokenizer / "chat_template.jinja").is_file():
+        shutil.copy(tokenizer / "chat_template.jinja", folder / "chat_template.jinja")
+    return folder
+
+
+def model_flops(config, tokens):
+    """FLOPs of one training step as the plain computation does it, for `tokens` real tokens.
+
+    Forward: 2 x (linear weights of every block + output projection) per token. Backward: the input
+    gradients through the output projection and every block from the lowest adapted one up, again
+    2 x weights per token (frozen weights need no weight gradient; LoRA's own products, attention
+    scores and element-wise work are left out: under 3% of either here).
+    """
+    h, i, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = config["num_key_value_heads"] * (h // config["num_attention_heads"])
+    block = h * h * 2 + h * kv * 2 + 3 * h * i
+    head = config["vocab_size"] * h
+    trained = n if LAYERS == -1 else LAYERS
+    return tokens * (2 * (n * block + head) + 2 * (trained * block + head))
+
+
+def matmul_peak(device, dtype, size=2048, repeats=10):
+    """Best FLOP/s of a size x size x size matrix product on the device, in the dtype."""
+    import torch
+
+    a = torch.randn(size, size, device=device).to(getattr(torch, dtype))
+    b = torch.randn(size, size, device=device).to(getattr(torch, dtype))
+    best = float("inf")
+    for _ in range(repeats + 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
 
 
 def child(args):
-    from tunelab import models
-
-    use_workload(args.workload)
-    model_dir = models.resolve("smollm2", log=lambda *_: None)
-    result = RUNNERS[args.run](model_dir, args.data, args.iters, args.out)
+    use_workload(args)
+    result = RUNNERS[args.run](Path(args.model_dir), args.data, args.iters, args.out)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    if DEVICE == "cuda":
+        import torch
+
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
     Path(args.out).write_text(json.dumps(result))
 
 
@@ -147,47 +221,66 @@ def main(argv=None):
     parser.add_argument("--workload", choices=list(WORKLOADS), default="W1")
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--model", choices=["smollm2", "qwen2.5-0.5b-shape"], default="smollm2")
+    parser.add_argument("--tokenizer", help="tokenizer folder for qwen2.5-0.5b-shape (default: the embedded SmolLM2's)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--tools", default="tunelab,trl",
                         help="comma-separated: tunelab, trl, trl-defaults (TRL with its gradient checkpointing on)")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run:
         return child(args)
 
     from tunelab import models
 
-    use_workload(args.workload)
+    use_workload(args)
     tmp = Path(tempfile.mkdtemp(prefix="tunelab-bench-"))
     prepare_data(tmp / "data", WORKLOADS[args.workload]["rows"])
-    model_dir = models.resolve("smollm2", log=lambda *_: None)
+    model_dir = build_model(args, tmp / "model")
     lengths, supervised = token_counts(model_dir, tmp / "data")
+    config = models.read_config(model_dir)
     # Rows are visited once per epoch in some order; over whole epochs the token count is exact.
     per_step = BATCH * statistics.mean(lengths), BATCH * statistics.mean(supervised)
     results = {tool: [] for tool in args.tools.split(",")}
     for round_no in range(args.rounds):
         for tool in results:
             out = tmp / f"{tool}-{round_no}.json"
-            subprocess.run([sys.executable, __file__, "--run", tool, "--workload", args.workload, "--data",
-                            str(tmp / "data"), "--iters", str(args.iters), "--out", str(out)], check=True)
+            done = subprocess.run([sys.executable, __file__, "--run", tool, "--workload", args.workload,
+                                   "--data", str(tmp / "data"), "--iters", str(args.iters), "--out", str(out),
+                                   "--model-dir", str(model_dir), "--device", args.device, "--dtype", args.dtype])
+            if done.returncode != 0:
+                print(f"round {round_no + 1} {tool}: FAILED (exit {done.returncode})", flush=True)
+                continue
             results[tool].append(json.loads(out.read_text()))
             r = results[tool][-1]
             print(f"round {round_no + 1} {tool}: {r['train_seconds'] / args.iters:.3f} s/it, "
-                  f"peak {r['peak_rss_gb']:.2f} GB", flush=True)
+                  f"peak {r.get('peak_gpu_gb', r['peak_rss_gb']):.2f} GB", flush=True)
 
-    print(f"\n{args.workload}: {args.iters} iterations x {args.rounds} rounds, batch {BATCH}; "
-          f"{statistics.mean(lengths):.1f} tokens a row on average, {statistics.mean(supervised):.1f} supervised")
-    print(f"{'tool':10}{'s/it':>8}{'tokens/s':>10}{'superv. tok/s':>15}{'peak GB':>9}  loss at steps "
+    peak = matmul_peak(args.device, args.dtype)
+    flops = model_flops(config, per_step[0])
+    memory = "GPU memory" if args.device == "cuda" else "peak RSS"
+    print(f"\n{args.workload} on {args.model}, {args.device} {args.dtype}: {args.iters} iterations x {args.rounds} "
+          f"rounds, batch {BATCH}; {statistics.mean(lengths):.1f} tokens a row on average, "
+          f"{statistics.mean(supervised):.1f} supervised")
+    print(f"model FLOPs a step {flops / 1e9:.1f} G; measured matrix-product peak {peak / 1e12:.2f} TFLOP/s "
+          f"({args.dtype}, 2048^3)")
+    print(f"{'tool':10}{'s/it':>8}{'tokens/s':>10}{'superv. tok/s':>15}{memory:>12}{'of peak':>9}  loss at steps "
           + " ".join(str(s) for s in (10, args.iters // 2, args.iters)))
     for tool, runs in results.items():
+        if not runs:
+            continue
         seconds = statistics.median(r["train_seconds"] / args.iters for r in runs)
         tokens = BATCH * runs[0]["tokens_per_row"] if runs[0].get("tokens_per_row") else per_step[0]
         sup = BATCH * runs[0]["supervised_per_row"] if runs[0].get("supervised_per_row") else per_step[1]
         losses = runs[0]["losses"]
         shown = " ".join(f"{losses.get(str(s), losses.get(s, float('nan'))):.3f}" for s in (10, args.iters // 2, args.iters))
-        print(f"{tool:10}{seconds:8.3f}{tokens / seconds:10.0f}{sup / seconds:15.1f}"
-              f"{max(r['peak_rss_gb'] for r in runs):9.2f}  {shown}")
+        used = max(r.get("peak_gpu_gb", r["peak_rss_gb"]) for r in runs)
+        print(f"{tool:10}{seconds:8.3f}{tokens / seconds:10.0f}{sup / seconds:15.1f}{used:10.2f} GB"
+              f"{flops / seconds / peak:9.1%}  {shown}")
     return 0
 
 
