@@ -40,6 +40,7 @@ class AdapterSpec:
     num_layers: int         # mlx-lm's count from the top (len(layers))
     keys: list = field(default_factory=lambda: list(DEFAULT_KEYS))
     base_model: str = ""
+    quantization: tuple = None   # (bits, group_size) of the quantized base it was trained on (QLoRA)
 
     def modules(self):
         return [f"model.layers.{i}.{k}" for i in self.layers for k in self.keys]
@@ -77,6 +78,8 @@ def config_dict(spec, extra=None):
         "num_layers": spec.num_layers,
         "lora_parameters": {"rank": spec.rank, "scale": spec.scale, "dropout": spec.dropout,
                             "keys": spec.keys},
+        **({"tunelab_quantization": {"bits": spec.quantization[0], "group_size": spec.quantization[1]}}
+           if spec.quantization else {}),
         **(extra or {}),
     }
 
@@ -137,6 +140,8 @@ def load(folder):
         raise UserError(f"{folder}: only LoRA adapters are supported")
     layers = sorted({int(m.split(".")[2]) for m in tensors})
     keys = sorted({m.split(".", 3)[3] for m in tensors}, key=lambda k: (k not in DEFAULT_KEYS, k))
+    quantized = config.get("tunelab_quantization")
     spec = AdapterSpec(rank=rank, scale=scale, dropout=dropout, layers=layers, num_layers=len(layers),
-                       keys=keys, base_model=config.get("base_model_name_or_path", ""))
+                       keys=keys, base_model=config.get("base_model_name_or_path", ""),
+                       quantization=(int(quantized["bits"]), int(quantized["group_size"])) if quantized else None)
     return spec, tensors

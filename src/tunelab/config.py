@@ -98,9 +98,14 @@ class LoraOptions:
     lora_keys: list = opt(None, "Comma-separated module names inside a block to adapt, e.g. "
                           "self_attn.q_proj,self_attn.v_proj (default: every linear layer).",
                           kind=list_of_str, metavar="KEYS")
+    engine: str = opt("auto", "Compute engine: mlx (Apple silicon) or torch (NVIDIA GPUs, CPUs); auto picks mlx on "
+                      "Apple silicon when it is installed, torch elsewhere.", choices=["auto", "torch", "mlx"])
     device: str = opt("auto", "Compute device.", choices=["auto", "cpu", "cuda", "mps"])
     dtype: str = opt("auto", "Compute dtype (auto: float32 on CPU, bfloat16 where the GPU has it).",
                      choices=["auto", "float32", "bfloat16", "float16"])
+    quantize: int = opt(None, "QLoRA: load the base model's linear layers quantized to this many bits (mlx engine).",
+                        kind=int, choices=[4, 8])
+    q_group_size: int = opt(64, "Group size of --quantize (values sharing one scale and bias).", choices=[32, 64, 128])
 
 
 @dataclass
@@ -108,6 +113,8 @@ class FuseOptions:
     model: str = opt(DEFAULT_MODEL, "Base model the adapter was trained on.")
     adapter_path: str = opt("adapters", "Adapter folder.")
     save_path: str = opt("fused_model", "Folder to write the merged model into.")
+    engine: str = opt("auto", "Compute engine: mlx (Apple silicon) or torch (NVIDIA GPUs, CPUs); auto picks mlx on "
+                      "Apple silicon when it is installed, torch elsewhere.", choices=["auto", "torch", "mlx"])
     device: str = opt("auto", "Compute device.", choices=["auto", "cpu", "cuda", "mps"])
 
 
@@ -122,6 +129,8 @@ class GenerateOptions:
     temp: float = opt(0.0, "Sampling temperature (0: greedy).")
     top_p: float = opt(1.0, "Nucleus sampling threshold.")
     seed: int = opt(0, "Sampling seed.")
+    engine: str = opt("auto", "Compute engine: mlx (Apple silicon) or torch (NVIDIA GPUs, CPUs); auto picks mlx on "
+                      "Apple silicon when it is installed, torch elsewhere.", choices=["auto", "torch", "mlx"])
     device: str = opt("auto", "Compute device.", choices=["auto", "cpu", "cuda", "mps"])
 
 
@@ -149,6 +158,8 @@ class EvalOptions:
     temp: float = opt(0.0, "Sampling temperature (0: greedy).")
     top_p: float = opt(1.0, "Nucleus sampling threshold.")
     seed: int = opt(0, "Seed for sampling and for sql-exec's random databases.")
+    engine: str = opt("auto", "Compute engine: mlx (Apple silicon) or torch (NVIDIA GPUs, CPUs); auto picks mlx on "
+                      "Apple silicon when it is installed, torch elsewhere.", choices=["auto", "torch", "mlx"])
     device: str = opt("auto", "Compute device.", choices=["auto", "cpu", "cuda", "mps"])
 
 
@@ -194,6 +205,8 @@ class DemoOptions:
     num_layers: int = opt(4, "Number of final layers to train.")
     max_tokens: int = opt(128, "Token budget of each generated answer (the example and the evaluation).")
     seed: int = opt(0, "Seed for data and training.")
+    engine: str = opt("auto", "Compute engine: mlx (Apple silicon) or torch (NVIDIA GPUs, CPUs); auto picks mlx on "
+                      "Apple silicon when it is installed, torch elsewhere.", choices=["auto", "torch", "mlx"])
 
 
 COMMAND_OPTIONS = {

@@ -35,8 +35,8 @@ def _claim_folder(out):
     (out / MARKER).write_text("made by tunelab demo; the next demo run replaces this folder\n")
 
 
-def _answer(model_ref, adapter_path, system_prompt, max_tokens, log):
-    engine, model, _ = engines.load(model_ref, adapter_path, log=lambda *_: None)
+def _answer(model_ref, adapter_path, system_prompt, max_tokens, log, engine_name="auto"):
+    engine, model, _ = engines.load(model_ref, adapter_path, log=lambda *_: None, engine=engine_name)
     ids = generate.prompt_ids(model.tokenizer, EXAMPLE_QUESTION, system_prompt)
     text = generate.stream_text(engine, model, ids, GenerateOptions(max_tokens=max_tokens), out=io.StringIO()).strip()
     log(f"  > {text}")
@@ -53,10 +53,10 @@ def demo(opts, log=print):
     log("\n[1/8] Preparing data (builtin:sql, 100/25/25 rows)")
     prepare(PrepareOptions(source="builtin:sql", out=str(data), seed=opts.seed), log=log)
 
-    common = dict(model=opts.model, data=str(data), batch_size=1, mask_prompt=True, seed=opts.seed)
+    common = dict(model=opts.model, data=str(data), batch_size=1, mask_prompt=True, seed=opts.seed, engine=opts.engine)
     log("\n[2/8] Base model: test loss and the tutorial's question")
     before = train.lora(LoraOptions(test=True, adapter_path="", **common), log=log)
-    base_answer = _answer(opts.model, None, system_prompt, opts.max_tokens, log)
+    base_answer = _answer(opts.model, None, system_prompt, opts.max_tokens, log, opts.engine)
 
     log(f"\n[3/8] Training a LoRA adapter ({opts.iters} steps, top {opts.num_layers} blocks, prompt masked)")
     after = train.lora(LoraOptions(train=True, test=True, adapter_path=str(adapter_dir), iters=opts.iters,
@@ -65,13 +65,14 @@ def demo(opts, log=print):
                                    steps_per_report=max(opts.iters // 20, 1), **common), log=log)
 
     log("\n[4/8] Tuned model (base + adapter): the same question")
-    tuned_answer = _answer(opts.model, str(adapter_dir), system_prompt, opts.max_tokens, log)
+    tuned_answer = _answer(opts.model, str(adapter_dir), system_prompt, opts.max_tokens, log, opts.engine)
 
     log("\n[5/8] Fusing the adapter into the model")
-    fuse.fuse(FuseOptions(model=opts.model, adapter_path=str(adapter_dir), save_path=str(fused_dir)), log=log)
+    fuse.fuse(FuseOptions(model=opts.model, adapter_path=str(adapter_dir), save_path=str(fused_dir),
+                          engine=opts.engine), log=log)
 
     log("\n[6/8] Fused model: the same question")
-    fused_answer = _answer(str(fused_dir), None, system_prompt, opts.max_tokens, log)
+    fused_answer = _answer(str(fused_dir), None, system_prompt, opts.max_tokens, log, opts.engine)
 
     log("\n[7/8] Exporting the fused model to GGUF (f16) for llama.cpp, LM Studio and Ollama")
     exported = export(ExportOptions(model=str(fused_dir), outtype="f16", out=str(out / "model-f16.gguf"),
@@ -80,7 +81,8 @@ def demo(opts, log=print):
     log("\n[8/8] Evaluating the base model, base + adapter and the GGUF file on every test row")
     results = evaluate.evaluate(EvalOptions(model=opts.model, adapter_path=str(adapter_dir),
                                             compare=[f"gguf={exported['gguf']}"], data=str(data),
-                                            run_dir=str(out), max_tokens=opts.max_tokens, seed=opts.seed), log=log)
+                                            run_dir=str(out), max_tokens=opts.max_tokens, seed=opts.seed,
+                                            engine=opts.engine), log=log)
 
     width = 16
     log("\n" + "=" * 72)

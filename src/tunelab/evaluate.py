@@ -162,7 +162,8 @@ def _answer_losses(engine, model, rows, fmt, opts):
 
 
 def from_model(candidate, raw_rows, fmt, rows, metric_names, opts, log):
-    engine, model, _ = engines.load(candidate.reference, candidate.adapter, opts.device, log=log)
+    engine, model, _ = engines.load(candidate.reference, candidate.adapter, opts.device, log=log,
+                                     engine=opts.engine)
     started = time.perf_counter()
     answers, generated = [None] * len(rows), 0
     if any(m != metrics.LOSS for m in metric_names):

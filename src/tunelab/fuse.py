@@ -23,7 +23,7 @@ def _portable_config(folder):
 
 def fuse(opts, log=print):
     adapter_dir = Path(opts.adapter_path)
-    engine, model, _ = engines.load(opts.model, adapter_dir, opts.device, log=log)
+    engine, model, _ = engines.load(opts.model, adapter_dir, opts.device, log=log, engine=opts.engine)
     save_path = Path(opts.save_path)
     with atomic.atomic_dir(save_path) as tmp:
         engine.fuse(model, tmp)

@@ -35,7 +35,7 @@ def stream_text(engine, model, ids, opts, out=sys.stdout):
 
 def generate(opts, log=print):
     prompt = sys.stdin.read() if opts.prompt == "-" else opts.prompt
-    engine, model, _ = engines.load(opts.model, opts.adapter_path, opts.device, log=log)
+    engine, model, _ = engines.load(opts.model, opts.adapter_path, opts.device, log=log, engine=opts.engine)
     ids = prompt_ids(model.tokenizer, prompt, opts.system_prompt, raw=opts.ignore_chat_template)
     log("=" * 10)
     return stream_text(engine, model, ids, opts)

@@ -143,7 +143,9 @@ def lora(opts, log=print):
     """The `tunelab lora` stage. Returns {'test_loss', 'test_ppl'} when --test is given."""
     check_options(opts)
     tested_adapter = opts.adapter_path if opts.test and not opts.train else None  # '' = the base model
-    engine, model, model_dir = engines.load(opts.model, tested_adapter, opts.device, opts.dtype, log=log)
+    quantize = (opts.quantize, opts.q_group_size) if opts.quantize else None
+    engine, model, model_dir = engines.load(opts.model, tested_adapter, opts.device, opts.dtype, log=log,
+                                            engine=opts.engine, quantize=quantize)
     if opts.chat_template:
         set_chat_template(model.tokenizer, opts.chat_template)
     result = {}
@@ -153,12 +155,13 @@ def lora(opts, log=print):
         total_layers = models.read_config(model_dir)["num_hidden_layers"]
         spec = adapters.spec_for(opts.num_layers, total_layers, opts.lora_rank, opts.lora_scale,
                                  opts.lora_dropout, opts.lora_keys, base_model=opts.model)
+        spec.quantization = getattr(model, "quantized", None)
         engine.attach_lora(model, spec, seed=opts.seed)
         run_dir = Path(opts.adapter_path)
         run_dir.mkdir(parents=True, exist_ok=True)
         data_files = [Path(opts.data) / f"{s}.jsonl" for s in ("train", "valid")]
         runs.write_manifest(run_dir, dataclasses.asdict(opts), {"engine": engine.name, "device": str(model.device),
-                            "dtype": str(model.dtype).replace("torch.", "")}, model_dir, data_files)
+                            "dtype": str(model.dtype).split(".")[-1]}, model_dir, data_files)
         supervised = sum(int(ex.supervised.sum()) for ex in train_set)
         tokens = sum(len(ex.tokens) for ex in train_set)
         log(f"Training {len(spec.modules())} LoRA modules (rank {spec.rank}, scale {spec.scale:g}) on the top "

@@ -1,9 +1,8 @@
-"""The engine contract on the torch engine, with tiny Llama and Qwen2 models made by the tests."""
+"""What is the torch engine's own: PEFT and transformers read its files, its generation matches
+transformers', the frozen-prefix cache. The shared contract is in test_engine_contract.py."""
 
 import numpy as np
-import pytest
 import torch
-import torch.nn.functional as F
 
 from tunelab import adapters
 from tunelab.data.batching import collate
@@ -34,58 +33,6 @@ def with_adapter(folder, seed=0, randomize_b=True):
                    for m, (a, b) in engine.adapter_tensors(model).items()}
         engine.set_adapter(model, spec, tensors)
     return model, spec
-
-
-def test_fresh_adapter_reproduces_base_logits(tiny_model):
-    base = load(tiny_model)
-    tokens = batch_for(base).tokens
-    tuned, _ = with_adapter(tiny_model, randomize_b=False)
-    np.testing.assert_array_equal(engine.logits(base, tokens), engine.logits(tuned, tokens))
-    assert not np.allclose(engine.logits(with_adapter(tiny_model)[0], tokens), engine.logits(base, tokens))
-
-
-def test_supervised_only_loss_equals_the_plain_computation(tiny_model):
-    model, _ = with_adapter(tiny_model)
-    for mask_prompt in (True, False):
-        batch = batch_for(model, mask_prompt)
-        sums, counts = engine.eval_loss(model, batch)
-        loss_sum, n = sums.sum(), counts.sum()
-        tokens = torch.from_numpy(batch.tokens)
-        with torch.no_grad():
-            full = model.model(input_ids=tokens, attention_mask=torch.from_numpy(batch.attention_mask)).logits
-        mask = torch.from_numpy(batch.supervised[:, 1:])
-        plain = F.cross_entropy(full[:, :-1][mask], tokens[:, 1:][mask], reduction="sum")
-        assert n == int(mask.sum())
-        assert loss_sum == pytest.approx(float(plain), rel=1e-5)
-
-
-def test_training_lowers_loss_and_moves_only_the_adapter(tiny_model):
-    model = load(tiny_model)
-    engine.attach_lora(model, adapters.spec_for(-1, 2, 8, 20.0, 0.0))
-    frozen = {k: v.clone() for k, v in model.model.named_parameters() if not v.requires_grad}
-    batch = batch_for(model)
-    optimizer = engine.make_optimizer(model, 1e-2)
-    first = engine.train_step(model, optimizer, batch).loss
-    for _ in range(30):
-        last = engine.train_step(model, optimizer, batch).loss
-    assert last < first * 0.7
-    for name, value in model.model.named_parameters():
-        if name in frozen:
-            assert torch.equal(value, frozen[name]), name
-
-
-def test_adapter_files_round_trip_to_identical_logits(tiny_model, tmp_path):
-    model, spec = with_adapter(tiny_model)
-    tokens = batch_for(model).tokens
-    adapters.save(tmp_path, spec, engine.adapter_tensors(model))
-    again = load(tiny_model)
-    engine.set_adapter(again, *adapters.load(tmp_path))
-    np.testing.assert_array_equal(engine.logits(model, tokens), engine.logits(again, tokens))
-    # the mlx-lm copy alone gives the same model
-    (tmp_path / adapters.PEFT_WEIGHTS).unlink()
-    third = load(tiny_model)
-    engine.set_adapter(third, *adapters.load(tmp_path))
-    np.testing.assert_array_equal(engine.logits(model, tokens), engine.logits(third, tokens))
 
 
 def test_peft_loads_the_adapter_folder_with_the_same_logits(tiny_model, tmp_path):
@@ -129,35 +76,6 @@ def test_generation_stops_at_a_stop_token(tiny_model):
         ref = model.model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
                                    eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     assert free == ref
-
-
-def test_per_row_losses_equal_each_row_alone(tiny_model):
-    model, _ = with_adapter(tiny_model)
-    examples = [encode_row(model.tokenizer, r, "chat", True) for r in ROWS]
-    sums, counts = engine.eval_loss(model, collate(examples))
-    for row, ex in enumerate(examples):
-        alone_sum, alone_count = engine.eval_loss(model, collate([ex]))
-        assert counts[row] == alone_count[0] == ex.supervised[1:].sum()
-        assert sums[row] == pytest.approx(alone_sum[0], rel=1e-5)
-
-
-def test_batched_generation_equals_one_prompt_at_a_time(tiny_model):
-    model, _ = with_adapter(tiny_model)
-    encode = model.tokenizer.encode
-    prompts = [encode(text, add_special_tokens=False) for text in
-               ("SELECT a", "What is the value of b when a is large and c is small?", "t")]
-    assert len({len(p) for p in prompts}) == 3          # left padding is exercised
-    alone = [list(engine.generate(model, p, max_tokens=12)) for p in prompts]
-    assert engine.generate_batch(model, prompts, max_tokens=12) == alone
-    # a stop token ends only the rows that produce it
-    stop = alone[0][4]
-    stopped = engine.generate_batch(model, prompts, max_tokens=12, stop_ids={stop})
-    assert stopped == [a[:a.index(stop)] if stop in a else a for a in alone]
-    assert stopped[0] == alone[0][:4]
-    # sampling is reproducible from the seed and differs from greedy at a high temperature
-    sampled = engine.generate_batch(model, prompts, max_tokens=12, temp=5.0, seed=3)
-    assert sampled == engine.generate_batch(model, prompts, max_tokens=12, temp=5.0, seed=3)
-    assert sampled != alone
 
 
 def test_generation_builds_no_autograd_graph(tiny_model):

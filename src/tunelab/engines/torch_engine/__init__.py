@@ -109,13 +109,19 @@ def attach_lora(m, spec, seed=0):
     torch.manual_seed(seed)
     for p in m.model.parameters():
         p.requires_grad_(False)
-    m.model = get_peft_model(m.model, _lora_config(spec))
+    def no_module(missing):
+        return UserError(f"the model has no module {missing[0]} to adapt ({len(missing)} missing); "
+                         "check --lora-keys and --num-layers")
+
+    try:
+        m.model = get_peft_model(m.model, _lora_config(spec))
+    except ValueError:   # PEFT found none of the modules
+        raise no_module(spec.modules()) from None
     m.spec = spec
     found = set(_lora_modules(m))
     missing = [mod for mod in spec.modules() if mod not in found]
     if missing:
-        raise UserError(f"the model has no module {missing[0]} to adapt ({len(missing)} missing); "
-                        "check --lora-keys and --num-layers")
+        raise no_module(missing)
     first = min(spec.layers)
     config = _base_lm(m).config
     if first > 0 and not getattr(config, "attention_dropout", 0.0):

@@ -1,0 +1,337 @@
+"""The MLX engine: mlx-lm models and LoRA layers; Apple silicon (Metal) and, for correctness, Linux CPUs.
+
+Same contract as the torch engine (engines/base.py), on the same numpy batches and adapter files.
+The loss is computed the same way: the body runs over the batch, the output projection and the
+cross-entropy only at supervised positions (their indices come from the numpy mask, so no dynamic
+shapes reach MLX). Gradients flow only where a trainable array depends on them: nothing is
+computed backwards below the lowest adapted block.
+
+On Linux, `mlx[cpu]` links a reference BLAS tens of times slower than OpenBLAS: this engine is
+correct there, not fast. Use it for real training on Apple silicon.
+"""
+
+import json
+import resource
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_unflatten
+
+from tunelab.engines.base import StepResult
+from tunelab.errors import UserError
+
+name = "mlx"
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+@dataclass
+class Model:
+    model: nn.Module          # an mlx-lm Model (body at .model, head tied or .lm_head)
+    tokenizer: object         # the Hugging Face tokenizer, as the torch engine has it
+    device: str
+    dtype: object
+    model_dir: Path
+    spec: object = None       # adapters.AdapterSpec when adapters are attached
+    quantized: tuple = None   # (bits, group_size) when the base weights are quantized
+
+
+def pick_device(device="auto"):
+    if device in ("cuda",):
+        raise UserError("--device cuda: the mlx engine runs on Apple GPUs (Metal) and CPUs; "
+                        "use --engine torch for CUDA")
+    has_gpu = mx.metal.is_available()
+    if device == "mps" and not has_gpu:
+        raise UserError("--device mps: no Metal GPU is available here")
+    if device == "cpu" or not has_gpu:
+        return mx.cpu, "cpu", "as asked" if device == "cpu" else "no Metal GPU found"
+    return mx.gpu, "gpu", "as asked" if device == "mps" else "a Metal GPU is available"
+
+
+def pick_dtype(device_name, dtype="auto"):
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise UserError(f"--dtype {dtype}: the mlx engine computes in {', '.join(DTYPES)}")
+        return DTYPES[dtype], "as asked"
+    if device_name == "gpu":
+        return mx.bfloat16, "the Metal GPU computes bfloat16 fastest"
+    return mx.float32, "float32 is exact on CPU"
+
+
+def _mlx_config(model_dir):
+    """config.json as mlx-lm needs it: it reads rope_theta only at the top level, where transformers 5
+    writes it under rope_parameters (mlx-lm would silently use its default otherwise)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    extra = {}
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" not in config and "rope_theta" in rope:
+        extra["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") not in ("default", None) and "rope_scaling" not in config:
+        extra["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    extra.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
+    return extra
+
+
+def load(model_dir, device="auto", dtype="auto", log=print, quantize=None):
+    """Load an HF folder with mlx-lm; `quantize` = (bits, group_size) quantizes the linear layers (QLoRA)."""
+    from mlx_lm.utils import load_model
+    from transformers import AutoTokenizer
+
+    stream, dev_name, dev_reason = pick_device(device)
+    mx.set_default_device(stream)
+    dt, dt_reason = pick_dtype(dev_name, dtype)
+    log(f"Device: mlx {dev_name} ({dev_reason}); dtype: {_dtype_name(dt)} ({dt_reason})")
+    try:
+        model, _ = load_model(Path(model_dir), model_config=_mlx_config(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{model_dir}: mlx-lm could not load this model: {e}") from None
+    if not _is_quantized(model):
+        model.set_dtype(dt)
+    quantized = None
+    if quantize:
+        bits, group_size = quantize
+        nn.quantize(model, group_size=group_size, bits=bits,
+                    class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % group_size == 0)
+        quantized = (bits, group_size)
+        log(f"Quantized the linear layers to {bits} bits (groups of {group_size}); adapters stay {_dtype_name(dt)}")
+    model.freeze()
+    model.eval()
+    mx.eval(model.parameters())
+    if mx.metal.is_available() and dev_name == "gpu":
+        _wire_memory()
+    return Model(model, tokenizer, dev_name, dt, Path(model_dir), quantized=quantized)
+
+
+def _wire_memory():
+    """Keep the model's memory wired on Apple silicon, as mlx-lm does (unified memory would page it)."""
+    limit = mx.metal.device_info().get("max_recommended_working_set_size")
+    if limit:
+        mx.set_wired_limit(limit)
+
+
+def _is_quantized(model):
+    return any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+
+
+def _dtype_name(dt):
+    return str(dt).replace("mlx.core.", "")
+
+
+def _block_modules(m, spec):
+    """{tunelab module path: (block, attribute path inside the block)} for spec's modules."""
+    return {f"model.layers.{i}.{k}": (i, k) for i in spec.layers for k in spec.keys}
+
+
+def _get(module, dotted):
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def attach_lora(m, spec, seed=0):
+    """Replace spec's linear layers with LoRA layers (A uniform in +-1/sqrt(in), B zero: PEFT's
+    Kaiming-uniform bound), scale = spec.scale. Only the adapters train."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    mx.random.seed(seed)
+    m.model.freeze()
+    layers = m.model.layers
+    missing = []
+    for module, (block, key) in _block_modules(m, spec).items():
+        if block >= len(layers):
+            missing.append(module)
+            continue
+        try:
+            linear = _get(layers[block], key)
+        except AttributeError:
+            missing.append(module)
+            continue
+        if not isinstance(linear, (nn.Linear, nn.QuantizedLinear)):
+            missing.append(module)
+            continue
+        lora = LoRALinear.from_base(linear, r=spec.rank, dropout=spec.dropout, scale=spec.scale)
+        layers[block].update_modules(tree_unflatten([(key, lora)]))
+    if missing:
+        raise UserError(f"the model has no module {missing[0]} to adapt ({len(missing)} missing); "
+                        "check --lora-keys and --num-layers")
+    m.model.freeze()
+    m.model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
+    m.spec = spec
+
+
+def _lora_modules(m):
+    """{module path inside the causal LM: mlx-lm LoRALinear}."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    return {path: module for path, module in m.model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def set_adapter(m, spec, tensors):
+    """Attach adapters (if not yet) and load numpy (A [r, in], B [out, r]) tensors into them."""
+    if m.spec is None:
+        attach_lora(m, spec)
+    layers = _lora_modules(m)
+    problems = []
+    for module, (a, b) in tensors.items():
+        layer = layers.get(module)
+        if layer is None:
+            problems.append(f"adapter tensor for {module}: the model has no such adapted module")
+            continue
+        if layer.lora_a.shape != a.T.shape or layer.lora_b.shape != b.T.shape:
+            problems.append(f"adapter tensor for {module}: shapes {a.shape}/{b.shape} do not match the "
+                            f"model's {layer.lora_a.T.shape}/{layer.lora_b.T.shape}: trained on another base model?")
+            continue
+        layer.lora_a = mx.array(np.ascontiguousarray(np.asarray(a, dtype=np.float32).T))
+        layer.lora_b = mx.array(np.ascontiguousarray(np.asarray(b, dtype=np.float32).T))
+    UserError.raise_if(problems)
+    mx.eval(m.model.parameters())
+
+
+def adapter_tensors(m):
+    return {module: (np.array(layer.lora_a.astype(mx.float32)).T.copy(),
+                     np.array(layer.lora_b.astype(mx.float32)).T.copy())
+            for module, layer in _lora_modules(m).items()}
+
+
+def savings(m, rows, tokens):
+    return ["output projection and loss only at supervised positions; no backward below the lowest adapted block"]
+
+
+def make_optimizer(m, learning_rate):
+    # bias_correction: the same update as torch.optim.Adam (MLX's default leaves it out)
+    return optim.Adam(learning_rate=learning_rate, bias_correction=True)
+
+
+def _head(m, hidden):
+    lm = m.model
+    if getattr(lm.args, "tie_word_embeddings", False) or not hasattr(lm, "lm_head"):
+        return lm.model.embed_tokens.as_linear(hidden)
+    return lm.lm_head(hidden)
+
+
+def _token_losses(model_fn, m, batch):
+    """Cross-entropy of each supervised target [N] (logits only where there is a label), and its row [N]."""
+    inputs = mx.array(batch.tokens[:, :-1])
+    targeted = batch.supervised[:, 1:]
+    rows, cols = np.nonzero(targeted)
+    width = inputs.shape[1]
+    # Right padding: every real position attends only to earlier real ones under the causal mask.
+    hidden = model_fn(inputs)                                                # [B, T-1, H]
+    picked = hidden.reshape(-1, hidden.shape[-1])[mx.array(rows * width + cols)]
+    logits = _head(m, picked).astype(mx.float32)                             # [N, V]
+    targets = mx.array(batch.tokens[:, 1:][targeted])
+    return nn.losses.cross_entropy(logits, targets, reduction="none"), rows
+
+
+def train_step(m, optimizer, batch):
+    m.model.train()
+
+    def loss_fn(model):
+        losses, _ = _token_losses(model.model, m, batch)
+        return losses.sum() / losses.shape[0]
+
+    loss, grads = nn.value_and_grad(m.model, loss_fn)(m.model)
+    optimizer.update(m.model, grads)
+    mx.eval(m.model.trainable_parameters(), optimizer.state, loss)
+    value = float(loss)
+    if not np.isfinite(value):
+        raise UserError(f"the training loss became {value}; lower --learning-rate")
+    return StepResult(value, int(batch.supervised[:, 1:].sum()))
+
+
+def eval_loss(m, batch):
+    """Summed cross-entropy and supervised-token count of each row: two numpy arrays [B]."""
+    m.model.eval()
+    losses, rows = _token_losses(m.model.model, m, batch)
+    values = np.array(losses.astype(mx.float32)).astype(np.float64)
+    size = batch.tokens.shape[0]
+    return np.bincount(rows, weights=values, minlength=size), np.bincount(rows, minlength=size)
+
+
+def logits(m, tokens):
+    """Full logits [B, T, V] as float32 numpy (for tests and checks)."""
+    m.model.eval()
+    return np.array(m.model(mx.array(np.asarray(tokens))).astype(mx.float32))
+
+
+def _pick(scores, temp, top_p, rng):
+    """Next token from float32 scores [V]: argmax, or a sample at `temp` within top_p."""
+    if temp <= 0:
+        return int(np.argmax(scores))
+    z = scores / temp
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        sorted_p = probs[order]
+        keep = np.cumsum(sorted_p) - sorted_p < top_p
+        probs = np.zeros_like(probs)
+        probs[order[keep]] = sorted_p[keep]
+        probs /= probs.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+def generate(m, prompt_ids, max_tokens=256, temp=0.0, top_p=1.0, seed=0, stop_ids=()):
+    """Yield generated token ids one at a time (mlx-lm's KV cache), stopping at a stop id (not yielded)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    m.model.eval()
+    rng = np.random.default_rng(seed)
+    cache = make_prompt_cache(m.model)
+    ids = mx.array([[int(t) for t in prompt_ids]])
+    for _ in range(max_tokens):
+        out = m.model(ids, cache=cache)
+        token = _pick(np.array(out[0, -1].astype(mx.float32)), temp, top_p, rng)
+        if token in stop_ids:
+            return
+        yield token
+        ids = mx.array([[token]])
+
+
+def generate_batch(m, prompts, max_tokens=256, temp=0.0, top_p=1.0, seed=0, stop_ids=()):
+    """Answers for several prompts, one prompt at a time (each exactly what `generate` gives)."""
+    return [list(generate(m, p, max_tokens, temp, top_p, seed, stop_ids)) for p in prompts]
+
+
+def fuse(m, save_dir, dequantize=True):
+    """Merge the adapters into the weights and save an HF folder (safetensors + config + tokenizer)."""
+    from mlx_lm.utils import save_model
+
+    fused = [(path, layer.fuse(dequantize=dequantize)) for path, layer in _lora_modules(m).items()]
+    if fused:
+        m.model.update_modules(tree_unflatten(fused))
+    if dequantize and m.quantized:
+        from mlx_lm.utils import dequantize_model
+
+        m.model = dequantize_model(m.model)
+        m.quantized = None
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    save_model(save_dir, m.model, donate_model=False)
+    config = json.loads((m.model_dir / "config.json").read_text(encoding="utf-8"))
+    config.update(_mlx_config(m.model_dir))
+    config["torch_dtype"] = config["dtype"] = _dtype_name(m.dtype)
+    if m.quantized:
+        bits, group_size = m.quantized
+        config["quantization"] = {"bits": bits, "group_size": group_size}
+    (save_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    m.tokenizer.save_pretrained(str(save_dir))
+    for extra in ("generation_config.json", "chat_template.jinja"):
+        if (m.model_dir / extra).is_file() and not (save_dir / extra).is_file():
+            shutil.copy(m.model_dir / extra, save_dir / extra)
+    m.spec = None
+
+
+def peak_memory():
+    peak = mx.get_peak_memory() if hasattr(mx, "get_peak_memory") else 0
+    if peak:
+        return int(peak)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)

@@ -1,0 +1,168 @@
+"""The engine contract (engines/base.py), one set of tests run on every engine, with tiny Llama and
+Qwen2 models made by the tests."""
+
+import numpy as np
+import pytest
+
+from tests.engines.engine_params import NAMES, engine_module
+from tunelab import adapters
+from tunelab.data.batching import collate
+from tunelab.data.templates import encode_row
+from tunelab.errors import UserError
+
+ROWS = [{"messages": [{"role": "system", "content": "CREATE TABLE t (a INTEGER, b VARCHAR)"},
+                      {"role": "user", "content": f"What is a when b is {w}?"},
+                      {"role": "assistant", "content": f"SELECT a FROM t WHERE b = '{w}'"}]}
+        for w in ("x", "yy", "zzz long value")]
+
+
+@pytest.fixture(params=NAMES)
+def engine(request):
+    return engine_module(request.param)
+
+
+def load(engine, folder):
+    return engine.load(folder, device="cpu", dtype="float32", log=lambda *_: None)
+
+
+def batch_for(model, mask_prompt=True):
+    return collate([encode_row(model.tokenizer, r, "chat", mask_prompt) for r in ROWS])
+
+
+def random_adapter(spec, shapes, seed=0):
+    """Adapter tensors with B nonzero (fresh adapters have B = 0 and change nothing)."""
+    gen = np.random.default_rng(seed)
+    return {m: (a, gen.standard_normal(b.shape).astype(np.float32) * 0.2) for m, (a, b) in shapes.items()}
+
+
+def with_adapter(engine, folder, seed=0, randomize_b=True):
+    model = load(engine, folder)
+    spec = adapters.spec_for(1, 2, 4, 2.0, 0.0)
+    engine.attach_lora(model, spec, seed=seed)
+    if randomize_b:
+        engine.set_adapter(model, spec, random_adapter(spec, engine.adapter_tensors(model), seed))
+    return model, spec
+
+
+def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_fresh_adapter_reproduces_base_logits(engine, tiny_model):
+    base = load(engine, tiny_model)
+    tokens = batch_for(base).tokens
+    tuned, _ = with_adapter(engine, tiny_model, randomize_b=False)
+    np.testing.assert_array_equal(engine.logits(base, tokens), engine.logits(tuned, tokens))
+    assert not np.allclose(engine.logits(with_adapter(engine, tiny_model)[0], tokens), engine.logits(base, tokens))
+
+
+def test_supervised_only_loss_equals_the_plain_computation(engine, tiny_model):
+    model, _ = with_adapter(engine, tiny_model)
+    for mask_prompt in (True, False):
+        batch = batch_for(model, mask_prompt)
+        sums, counts = engine.eval_loss(model, batch)
+        full = log_softmax(engine.logits(model, batch.tokens).astype(np.float64))
+        mask = batch.supervised[:, 1:]
+        targets = batch.tokens[:, 1:]
+        plain = -np.take_along_axis(full[:, :-1], targets[..., None], -1)[..., 0][mask].sum()
+        assert counts.sum() == mask.sum()
+        assert sums.sum() == pytest.approx(plain, rel=1e-5)
+
+
+def test_training_lowers_loss_and_moves_only_the_adapter(engine, tiny_model):
+    model = load(engine, tiny_model)
+    tokens = batch_for(model).tokens
+    before = engine.logits(model, tokens)
+    spec = adapters.spec_for(-1, 2, 8, 20.0, 0.0)
+    engine.attach_lora(model, spec)
+    batch = batch_for(model)
+    optimizer = engine.make_optimizer(model, 1e-2)
+    first = engine.train_step(model, optimizer, batch)
+    assert first.supervised_tokens == batch.supervised[:, 1:].sum()
+    for _ in range(30):
+        last = engine.train_step(model, optimizer, batch).loss
+    assert last < first.loss * 0.7
+    trained = engine.adapter_tensors(model)
+    assert any(np.abs(b).max() > 0 for _, b in trained.values())
+    # with B back at zero the model is the base again: no base weight moved
+    engine.set_adapter(model, spec, {m: (a, np.zeros_like(b)) for m, (a, b) in trained.items()})
+    np.testing.assert_allclose(engine.logits(model, tokens), before, rtol=0, atol=1e-5)
+
+
+def test_adapter_files_round_trip_to_identical_logits(engine, tiny_model, tmp_path):
+    model, spec = with_adapter(engine, tiny_model)
+    tokens = batch_for(model).tokens
+    adapters.save(tmp_path, spec, engine.adapter_tensors(model))
+    again = load(engine, tiny_model)
+    engine.set_adapter(again, *adapters.load(tmp_path))
+    np.testing.assert_array_equal(engine.logits(model, tokens), engine.logits(again, tokens))
+    # the mlx-lm copy alone gives the same model
+    (tmp_path / adapters.PEFT_WEIGHTS).unlink()
+    third = load(engine, tiny_model)
+    engine.set_adapter(third, *adapters.load(tmp_path))
+    np.testing.assert_array_equal(engine.logits(model, tokens), engine.logits(third, tokens))
+
+
+def test_adapter_for_another_model_is_refused(engine, tiny_model):
+    model, spec = with_adapter(engine, tiny_model)
+    wrong = {m: (np.zeros((4, 3), np.float32), b) for m, (_, b) in engine.adapter_tensors(model).items()}
+    with pytest.raises(UserError, match="trained on another base model"):
+        engine.set_adapter(model, spec, wrong)
+    with pytest.raises(UserError, match="no module"):
+        engine.attach_lora(load(engine, tiny_model), adapters.spec_for(1, 2, 4, 2.0, 0.0, keys=["mlp.nothing"]))
+
+
+def test_fused_folder_equals_base_plus_adapter(engine, tiny_model, tmp_path):
+    model, _ = with_adapter(engine, tiny_model)
+    tokens = batch_for(model).tokens
+    expected = engine.logits(model, tokens)
+    engine.fuse(model, tmp_path)
+    assert (tmp_path / "tokenizer.json").is_file() and any(tmp_path.glob("*.safetensors"))
+    np.testing.assert_allclose(engine.logits(load(engine, tmp_path), tokens), expected, rtol=0, atol=1e-4)
+
+
+def test_per_row_losses_equal_each_row_alone(engine, tiny_model):
+    model, _ = with_adapter(engine, tiny_model)
+    examples = [encode_row(model.tokenizer, r, "chat", True) for r in ROWS]
+    sums, counts = engine.eval_loss(model, collate(examples))
+    for row, ex in enumerate(examples):
+        alone_sum, alone_count = engine.eval_loss(model, collate([ex]))
+        assert counts[row] == alone_count[0] == ex.supervised[1:].sum()
+        assert sums[row] == pytest.approx(alone_sum[0], rel=1e-5)
+
+
+def test_generation_follows_greedy_logits_and_stops(engine, tiny_model):
+    model, _ = with_adapter(engine, tiny_model)
+    prompt = model.tokenizer.encode("SELECT a", add_special_tokens=False)
+    free = list(engine.generate(model, prompt, max_tokens=8))
+    assert len(free) == 8
+    # each token is the argmax of the full forward pass over everything before it
+    for k in range(len(free)):
+        assert free[k] == int(engine.logits(model, [prompt + free[:k]])[0, -1].argmax())
+    stopped = list(engine.generate(model, prompt, max_tokens=8, stop_ids={free[3]}))
+    assert stopped == free[:free.index(free[3])]
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(engine, tiny_model):
+    model, _ = with_adapter(engine, tiny_model)
+    encode = model.tokenizer.encode
+    prompts = [encode(text, add_special_tokens=False) for text in
+               ("SELECT a", "What is the value of b when a is large and c is small?", "t")]
+    assert len({len(p) for p in prompts}) == 3          # left padding is exercised where there is batching
+    alone = [list(engine.generate(model, p, max_tokens=12)) for p in prompts]
+    assert engine.generate_batch(model, prompts, max_tokens=12) == alone
+    # a stop token ends only the rows that produce it
+    stop = alone[0][4]
+    stopped = engine.generate_batch(model, prompts, max_tokens=12, stop_ids={stop})
+    assert stopped == [a[:a.index(stop)] if stop in a else a for a in alone]
+    assert len(stopped[0]) < len(alone[0])
+    # sampling is reproducible from the seed and differs from greedy at a high temperature
+    sampled = engine.generate_batch(model, prompts, max_tokens=12, temp=5.0, seed=3)
+    assert sampled == engine.generate_batch(model, prompts, max_tokens=12, temp=5.0, seed=3)
+    assert sampled != alone
+
+
+def test_peak_memory_is_reported(engine, tiny_model):
+    load(engine, tiny_model)
+    assert engine.peak_memory() > 0
