@@ -1,0 +1,171 @@
+"""torch and mlx side by side: the same weights give the same numbers, and each engine's adapters
+work on the other, in PEFT and in mlx-lm itself."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import write_jsonl
+from tests.engines.engine_params import engine_module
+from tests.engines.test_engine_contract import ROWS, batch_for, load, random_adapter
+from tunelab import adapters
+from tunelab.cli import main
+
+mlx = engine_module("mlx")
+torch_engine = engine_module("torch")
+
+
+def pair(folder, spec=None, seed=0):
+    """The same base model on both engines, with the same random adapter when spec is given."""
+    t, m = load(torch_engine, folder), load(mlx, folder)
+    if spec is not None:
+        torch_engine.attach_lora(t, spec, seed=seed)
+        tensors = random_adapter(spec, torch_engine.adapter_tensors(t), seed)
+        torch_engine.set_adapter(t, spec, tensors)
+        mlx.set_adapter(m, spec, tensors)
+    return t, m
+
+
+def scale_of(logits):
+    return float(np.abs(logits).max())
+
+
+def test_same_weights_and_adapter_give_the_same_logits(tiny_model):
+    t, m = pair(tiny_model)
+    tokens = batch_for(t).tokens
+    expected = torch_engine.logits(t, tokens)
+    np.testing.assert_allclose(mlx.logits(m, tokens), expected, rtol=0, atol=1e-5 * scale_of(expected))
+    t, m = pair(tiny_model, adapters.spec_for(-1, 2, 4, 2.0, 0.0))
+    expected = torch_engine.logits(t, tokens)
+    np.testing.assert_allclose(mlx.logits(m, tokens), expected, rtol=0, atol=1e-5 * scale_of(expected))
+
+
+def test_one_training_step_gives_the_same_loss_and_adapter(tiny_model):
+    spec = adapters.spec_for(-1, 2, 4, 2.0, 0.0)
+    t, m = pair(tiny_model, spec)
+    batch = batch_for(t)
+    ours, theirs = torch_engine.make_optimizer(t, 1e-3), mlx.make_optimizer(m, 1e-3)
+    for _ in range(3):
+        step_t, step_m = torch_engine.train_step(t, ours, batch), mlx.train_step(m, theirs, batch)
+        assert step_m.loss == pytest.approx(step_t.loss, rel=1e-5)
+        assert step_m.supervised_tokens == step_t.supervised_tokens
+    after_t, after_m = torch_engine.adapter_tensors(t), mlx.adapter_tensors(m)
+    for module, (a, b) in after_t.items():
+        np.testing.assert_allclose(after_m[module][0], a, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(after_m[module][1], b, rtol=0, atol=1e-5)
+        assert np.abs(b).max() > 1e-4       # the steps did move B away from its random start
+
+
+def train_with_cli(engine_name, model, folder):
+    write_jsonl(folder / "data" / "train.jsonl", ROWS * 4)
+    write_jsonl(folder / "data" / "valid.jsonl", ROWS)
+    code = main(["lora", "--train", "--engine", engine_name, "--model", str(model), "--data", str(folder / "data"),
+                 "--iters", "6", "--num-layers", "1", "--mask-prompt", "--learning-rate", "1e-2",
+                 "--steps-per-report", "3", "--adapter-path", str(folder / "run")])
+    assert not code
+    manifest = json.loads((folder / "run" / "tunelab_run.json").read_text())
+    assert manifest["chosen"]["engine"] == engine_name
+    return folder / "run"
+
+
+def test_an_adapter_trained_on_mlx_works_in_torch_and_peft(tiny_model, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = train_with_cli("mlx", tiny_model, tmp_path)
+    spec, tensors = adapters.load(run)
+    m = load(mlx, tiny_model)
+    mlx.set_adapter(m, spec, tensors)
+    tokens = batch_for(m).tokens
+    expected = mlx.logits(m, tokens)
+    assert not np.allclose(expected, mlx.logits(load(mlx, tiny_model), tokens), atol=1e-3)   # it learned something
+    t = load(torch_engine, tiny_model)
+    torch_engine.set_adapter(t, spec, tensors)
+    np.testing.assert_allclose(torch_engine.logits(t, tokens), expected, rtol=0, atol=1e-5 * scale_of(expected))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(run)).eval()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=torch.from_numpy(tokens)).logits.numpy()
+    np.testing.assert_allclose(theirs, expected, rtol=0, atol=1e-5 * scale_of(expected))
+
+
+def test_an_adapter_trained_on_torch_works_in_mlx_lm_itself(tiny_llama, tmp_path):
+    """mlx-lm's own loader and generator on tunelab's mlx-lm copy (Llama: its rope_theta is the
+    default mlx-lm assumes when config.json keeps it under rope_parameters only)."""
+    import mlx.core as mx
+    from mlx_lm import generate, load as mlx_lm_load
+
+    run = train_with_cli("torch", tiny_llama, tmp_path)
+    t = load(torch_engine, tiny_llama)
+    torch_engine.set_adapter(t, *adapters.load(run))
+    tokens = batch_for(t).tokens
+    expected = torch_engine.logits(t, tokens)
+    model, tokenizer = mlx_lm_load(str(tiny_llama), adapter_path=str(run))
+    model.set_dtype(mx.float32)
+    theirs = np.array(model(mx.array(tokens)).astype(mx.float32))
+    np.testing.assert_allclose(theirs, expected, rtol=0, atol=1e-5 * scale_of(expected))
+    prompt = t.tokenizer.encode("SELECT a FROM", add_special_tokens=False)
+    ours = t.tokenizer.decode(list(torch_engine.generate(t, prompt, max_tokens=8)))
+    assert generate(model, tokenizer, prompt=prompt, max_tokens=8) == ours
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_on_mlx_trains_and_fuses_to_a_torch_model(tiny_model, tmp_path, bits):
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    m = mlx.load(tiny_model, device="cpu", dtype="float32", log=lambda *_: None, quantize=(bits, 32))
+    tokens = batch_for(m).tokens
+    # the quantized model computes exactly what the plain model does with the dequantized weights
+    plain = load(mlx, tiny_model)
+    layers = dict(plain.model.named_modules())
+    count = 0
+    for path, module in m.model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            layers[path].weight = mx.dequantize(module.weight, module.scales, module.biases, module.group_size, bits)
+            count += 1
+    assert count == 2 * 7
+    expected = mlx.logits(plain, tokens)
+    np.testing.assert_allclose(mlx.logits(m, tokens), expected, rtol=0, atol=1e-4 * scale_of(expected))
+    assert not np.allclose(mlx.logits(load(mlx, tiny_model), tokens), expected)
+    spec = adapters.spec_for(-1, 2, 4, 2.0, 0.0)
+    mlx.attach_lora(m, spec)
+    optimizer = mlx.make_optimizer(m, 1e-2)
+    batch = batch_for(m)
+    first = mlx.train_step(m, optimizer, batch).loss
+    for _ in range(10):
+        last = mlx.train_step(m, optimizer, batch).loss
+    assert last < first
+    expected = mlx.logits(m, tokens)
+    mlx.fuse(m, tmp_path / "fused")          # dequantized: a plain model any engine loads
+    fused = load(torch_engine, tmp_path / "fused")
+    np.testing.assert_allclose(torch_engine.logits(fused, tokens), expected, rtol=0, atol=1e-4 * scale_of(expected))
+
+
+def test_a_qlora_adapter_reloads_on_the_quantized_base(tiny_model, tmp_path):
+    from tunelab import engines
+
+    run = train_with_cli_quantized(tiny_model, tmp_path)
+    assert json.loads((run / adapters.CONFIG).read_text())["tunelab_quantization"] == {"bits": 4, "group_size": 32}
+    engine, m, _ = engines.load(str(tiny_model), run, device="cpu", dtype="float32", log=lambda *_: None,
+                                engine="mlx")
+    assert m.quantized == (4, 32)
+
+
+def train_with_cli_quantized(model, folder):
+    write_jsonl(folder / "data" / "train.jsonl", ROWS * 4)
+    write_jsonl(folder / "data" / "valid.jsonl", ROWS)
+    code = main(["lora", "--train", "--engine", "mlx", "--quantize", "4", "--q-group-size", "32", "--model", str(model),
+                 "--data", str(folder / "data"), "--iters", "3", "--num-layers", "1", "--adapter-path", str(folder / "run")])
+    assert not code
+    return folder / "run"
+
+
+def test_quantize_needs_the_mlx_engine(tiny_llama, tmp_path, capsys):
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    write_jsonl(tmp_path / "data" / "valid.jsonl", ROWS)
+    code = main(["lora", "--train", "--engine", "torch", "--quantize", "4", "--model", str(tiny_llama),
+                 "--data", str(tmp_path / "data"), "--adapter-path", str(tmp_path / "run")])
+    assert code and "--quantize needs the mlx engine" in capsys.readouterr().err
