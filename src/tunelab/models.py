@@ -110,7 +110,7 @@ def permute_rows(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-_BLOCK_TENSORS = {
+BLOCK_TENSORS = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
@@ -138,8 +138,8 @@ def _hf_tensor_name(gguf_name):
     if gguf_name in _TOP_TENSORS:
         return _TOP_TENSORS[gguf_name]
     parts = gguf_name.split(".", 2)
-    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _BLOCK_TENSORS:
-        return f"model.layers.{parts[1]}.{_BLOCK_TENSORS[parts[2]]}"
+    if parts[0] == "blk" and len(parts) == 3 and parts[2] in BLOCK_TENSORS:
+        return f"model.layers.{parts[1]}.{BLOCK_TENSORS[parts[2]]}"
     return None
 
 

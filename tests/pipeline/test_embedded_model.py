@@ -126,3 +126,25 @@ def test_smollm2_export_loads_in_transformers_and_its_modelfile_matches_the_temp
     rendered = render_go_template(modelfile_template(modelfile), {"System": system, "Prompt": messages[0]["content"]})
     assert rendered == text
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_mlx_loads_the_q4_1_file_quantized_without_loss(smollm2_dir):
+    """Q4_1 blocks (w = d * q + m, 32 weights) are MLX's 4-bit affine groups of 32: loaded as they are,
+    they dequantize to exactly the weights the float32 import holds (Q/K row order undone)."""
+    from safetensors.numpy import load_file
+
+    from tests.engines.engine_params import engine_module
+
+    mlx_engine = engine_module("mlx")
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    lines = []
+    model = mlx_engine.load(smollm2_dir, device="cpu", dtype="float32", log=lines.append, quantize=(4, 32))
+    assert any("210 taken as they are from the GGUF file" in line for line in lines)
+    imported = load_file(str(smollm2_dir / "model.safetensors"))
+    layers = [(p, m) for p, m in model.model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert len(layers) == 30 * 7
+    for path, layer in layers:
+        weight = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases, 32, 4))
+        np.testing.assert_array_equal(weight, imported[f"{path}.weight"], err_msg=path)

@@ -100,13 +100,54 @@ def load(model_dir, device="auto", dtype="auto", log=print, quantize=None):
         nn.quantize(model, group_size=group_size, bits=bits,
                     class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % group_size == 0)
         quantized = (bits, group_size)
-        log(f"Quantized the linear layers to {bits} bits (groups of {group_size}); adapters stay {_dtype_name(dt)}")
+        taken = _blocks_from_gguf(model, model_dir, bits, group_size, dt)
+        source = f"; {taken} taken as they are from the GGUF file's own blocks" if taken else ""
+        log(f"Quantized the linear layers to {bits} bits (groups of {group_size}){source}; "
+            f"adapters stay {_dtype_name(dt)}")
     model.freeze()
     model.eval()
     mx.eval(model.parameters())
     if mx.metal.is_available() and dev_name == "gpu":
         _wire_memory()
     return Model(model, tokenizer, dev_name, dt, Path(model_dir), quantized=quantized)
+
+
+def _blocks_from_gguf(model, model_dir, bits, group_size, dtype):
+    """Where the model was imported from a GGUF file whose blocks already are `bits`-bit affine groups of
+    `group_size` (Q4_1 is 4-bit, group 32: w = d * q + m), load those blocks into the quantized layers
+    as they are, instead of quantizing the dequantized weights again (which would round a second time).
+    Returns how many layers were taken from the file."""
+    from tunelab import models
+
+    record = Path(model_dir) / "tunelab_import.json"
+    if not record.is_file():
+        return 0
+    source = Path(json.loads(record.read_text(encoding="utf-8"))["source"])
+    if not source.is_file():
+        return 0
+    arrays = mx.load(str(source))
+    config = models.read_config(model_dir)
+    permuted = config.get("model_type") == "llama"        # llama.cpp interleaves llama's Q/K rows
+    heads = {"self_attn.q_proj": config["num_attention_heads"], "self_attn.k_proj": config["num_key_value_heads"]}
+    gguf_names = {v.removesuffix(".weight"): k.removesuffix(".weight") for k, v in models.BLOCK_TENSORS.items()
+                  if k.endswith(".weight")}
+    taken = 0
+    for path, layer in model.named_modules():
+        if not isinstance(layer, nn.QuantizedLinear) or not path.startswith("model.layers."):
+            continue
+        _, _, block, key = path.split(".", 3)
+        stem = f"blk.{block}.{gguf_names.get(key, '?')}"
+        if f"{stem}.scales" not in arrays:
+            continue
+        weight, scales, biases = arrays[f"{stem}.weight"], arrays[f"{stem}.scales"], arrays[f"{stem}.biases"]
+        if weight.shape != layer.weight.shape or scales.shape != layer.scales.shape:
+            continue                                        # other bits or group size in the file
+        if permuted and key in heads:
+            order = mx.array(models.unpermute_rows(np.arange(weight.shape[0]), heads[key]))
+            weight, scales, biases = weight[order], scales[order], biases[order]
+        layer.weight, layer.scales, layer.biases = weight, scales.astype(dtype), biases.astype(dtype)
+        taken += 1
+    return taken
 
 
 def _wire_memory():
