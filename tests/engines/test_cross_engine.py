@@ -169,3 +169,21 @@ def test_quantize_needs_the_mlx_engine(tiny_llama, tmp_path, capsys):
     code = main(["lora", "--train", "--engine", "torch", "--quantize", "4", "--model", str(tiny_llama),
                  "--data", str(tmp_path / "data"), "--adapter-path", str(tmp_path / "run")])
     assert code and "--quantize needs the mlx engine" in capsys.readouterr().err
+
+
+def test_every_command_runs_on_the_mlx_engine(tiny_llama, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    steps = [["prepare", "--out", "data", "--num-rows", "30", "--valid-rows", "4", "--test-rows", "3"],
+             ["lora", "--engine", "mlx", "--train", "--test", "--model", str(tiny_llama), "--data", "data",
+              "--iters", "4", "--num-layers", "1", "--mask-prompt", "--steps-per-report", "2", "--adapter-path", "run"],
+             ["fuse", "--engine", "mlx", "--model", str(tiny_llama), "--adapter-path", "run", "--save-path", "fused"],
+             ["generate", "--engine", "mlx", "--model", "fused", "--prompt", "What is a?", "--max-tokens", "4"],
+             ["eval", "--engine", "mlx", "--model", str(tiny_llama), "--adapter-path", "run", "--data", "data",
+              "--max-tokens", "4"]]
+    for argv in steps:
+        assert not main(argv), argv
+    out = capsys.readouterr().out
+    assert "Engine: mlx (as asked)" in out and "Test loss" in out
+    assert (tmp_path / "fused" / "model.safetensors").is_file()
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert set(results["models"]) == {"base", "tuned"} and results["rows"] == 3
