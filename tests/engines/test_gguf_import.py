@@ -17,7 +17,7 @@ def _gguf_name(hf_name):
     if hf_name in _TENSOR_NAMES:
         return _TENSOR_NAMES[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)
-    inverse = {v: k for k, v in models._BLOCK_TENSORS.items()}
+    inverse = {v: k for k, v in models.BLOCK_TENSORS.items()}
     return f"blk.{layer}.{inverse[rest]}"
 
 
