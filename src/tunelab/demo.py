@@ -53,7 +53,9 @@ def demo(opts, log=print):
     log("\n[1/8] Preparing data (builtin:sql, 100/25/25 rows)")
     prepare(PrepareOptions(source="builtin:sql", out=str(data), seed=opts.seed), log=log)
 
-    common = dict(model=opts.model, data=str(data), batch_size=1, mask_prompt=True, seed=opts.seed, engine=opts.engine)
+    # float32 throughout, so that lora's test losses are the very numbers the evaluation reports
+    common = dict(model=opts.model, data=str(data), batch_size=1, mask_prompt=True, seed=opts.seed, engine=opts.engine,
+                  dtype="float32")
     log("\n[2/8] Base model: test loss and the tutorial's question")
     before = train.lora(LoraOptions(test=True, adapter_path="", **common), log=log)
     base_answer = _answer(opts.model, None, system_prompt, opts.max_tokens, log, opts.engine)

@@ -39,9 +39,11 @@ def get(name="auto", log=print):
     return engine
 
 
-def load(model_ref, adapter_path=None, device="auto", dtype="auto", log=print, engine="auto", quantize=None):
+def load(model_ref, adapter_path=None, device="auto", dtype="auto", log=print, engine="auto", quantize=None,
+         training=False):
     """Resolve a model reference, load it on the engine, and apply an adapter folder if given.
 
+    `training`: the model is for `lora` (dtype auto may then pick a faster training dtype).
     `quantize` = (bits, group_size) loads the linear layers quantized (QLoRA; mlx engine).
     The adapter files are read first, so a bad --adapter-path fails before the model loads.
     Returns (engine, model, model_dir).
@@ -58,7 +60,7 @@ def load(model_ref, adapter_path=None, device="auto", dtype="auto", log=print, e
         raise UserError(f"--quantize needs the mlx engine (this run uses {module.name}): pass --engine mlx")
     model_dir = models.resolve(model_ref, log=log)
     extra = {"quantize": quantize} if quantize else {}
-    model = module.load(model_dir, device=device, dtype=dtype, log=log, **extra)
+    model = module.load(model_dir, device=device, dtype=dtype, log=log, training=training, **extra)
     if adapter is not None:
         module.set_adapter(model, *adapter)
     return module, model, model_dir

@@ -2,7 +2,10 @@
 
 An engine is a module with these functions (`Model` is the engine's own handle):
 
-  load(model_dir, device, dtype, log) -> Model       HF folder -> model + tokenizer on a device
+  load(model_dir, device, dtype, log, training) -> Model
+                                                      HF folder -> model + tokenizer on a device; with
+                                                      training (the lora command), dtype auto may pick
+                                                      a faster training dtype
   attach_lora(model, spec, seed)                      fresh adapters (A random, B zero)
   set_adapter(model, spec, tensors)                   adapters from numpy tensors (adapters.load)
   adapter_tensors(model) -> {module: (A, B)}          numpy copies, for adapters.save

@@ -78,7 +78,7 @@ def _mlx_config(model_dir):
     return extra
 
 
-def load(model_dir, device="auto", dtype="auto", log=print, quantize=None):
+def load(model_dir, device="auto", dtype="auto", log=print, training=False, quantize=None):
     """Load an HF folder with mlx-lm; `quantize` = (bits, group_size) quantizes the linear layers (QLoRA)."""
     from mlx_lm.utils import load_model
     from transformers import AutoTokenizer
