@@ -137,3 +137,40 @@ def test_prefix_cache_stops_at_its_budget(tiny_model):
     all_layers = load(tiny_model)
     engine.attach_lora(all_layers, adapters.spec_for(-1, 2, 4, 20.0, 0.0))
     assert all_layers.prefix is None                              # nothing frozen below: nothing to cache
+
+
+def test_prefix_cache_spills_to_disk_past_its_memory_budget(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    examples = [encode_row(load(tiny_model).tokenizer, r, "chat", True) for r in ROWS]
+    batch = collate(examples, keys=[("v", i) for i in range(3)])
+    plain = load(tiny_model)
+    engine.attach_lora(plain, adapters.spec_for(1, 2, 4, 20.0, 0.0))
+    plain.prefix = None
+    expected, _ = engine.eval_loss(plain, batch)
+
+    model = load(tiny_model)
+    engine.attach_lora(model, adapters.spec_for(1, 2, 4, 20.0, 0.0))
+    first_row = (len(examples[0].tokens) - 1) * 64 * 4
+    model.prefix.budget = first_row                       # one row in memory, the others on disk
+    tokens = sum(len(ex.tokens) for ex in examples)
+    lines = engine.savings(model, 3, tokens)
+    assert "memory-mapped file" in lines[-1]
+    engine.eval_loss(model, batch)
+    assert len(model.prefix.rows) == 1 and len(model.prefix.spilled) == 2 and not model.prefix.full
+    np.testing.assert_allclose(engine.eval_loss(model, batch)[0], expected, rtol=1e-6)   # from memory and disk
+    for key in model.prefix.spilled:                     # what the step reads is what was written to disk
+        offset, shape, _ = model.prefix.spilled[key]
+        model.prefix.disk[offset:offset + 4 * shape[0] * shape[1]] = 0
+    assert not np.allclose(engine.eval_loss(model, batch)[0], expected)
+
+    # no room on disk either: the rows past the memory budget are recomputed, and the user is told
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 0))
+    model = load(tiny_model)
+    engine.attach_lora(model, adapters.spec_for(1, 2, 4, 20.0, 0.0))
+    model.prefix.budget = first_row
+    assert "are recomputed" in engine.savings(model, 3, tokens)[-1]
+    engine.eval_loss(model, batch)
+    assert len(model.prefix.rows) == 1 and model.prefix.full
+    np.testing.assert_allclose(engine.eval_loss(model, batch)[0], expected, rtol=1e-6)

@@ -9,6 +9,7 @@ import inspect
 import resource
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,18 +31,67 @@ class Model:
     prefix: "PrefixCache" = None  # outputs of the frozen blocks below the lowest adapted one, per row
 
 
-PREFIX_CACHE_BUDGET = 2 * 1024**3   # bytes of cached activations; rows beyond it are recomputed
+PREFIX_CACHE_BUDGET = 2 * 1024**3   # bytes of cached activations kept in memory
+DISK_HEADROOM = 1024**3             # free disk space left untouched when the cache spills to disk
 
 
 @dataclass
 class PrefixCache:
     """Output of blocks [0, first) for each row, computed once: those blocks are frozen and have no
-    dropout, so every epoch would compute exactly the same values again."""
+    dropout, so every epoch would compute exactly the same values again. Rows go to memory up to
+    `budget` bytes, then to a memory-mapped file (unlinked at once, so nothing is left behind);
+    when neither has room, the remaining rows are recomputed each time."""
     first: int                   # index of the lowest block with adapters
     budget: int = PREFIX_CACHE_BUDGET
-    rows: dict = field(default_factory=dict)   # batch key -> float tensor [T, H]
+    rows: dict = field(default_factory=dict)      # key -> tensor [T, H] in memory
     used: int = 0
+    disk: object = None                           # np.memmap of bytes, when rows spill to disk
+    spilled: dict = field(default_factory=dict)   # key -> (offset, shape, dtype) in `disk`
+    disk_used: int = 0
     full: bool = False
+
+    def plan(self, need, folder):
+        """Make room for `need` bytes: memory up to the budget, a file in `folder` for the rest.
+        Returns the bytes placed on disk, or the bytes that fit nowhere as a negative number."""
+        beyond = need - self.budget
+        if beyond <= 0:
+            return 0
+        import shutil
+        import tempfile
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(folder).free < beyond + DISK_HEADROOM:
+            return -beyond
+        handle = tempfile.TemporaryFile(dir=folder, prefix="prefix-cache-")
+        self.disk = np.memmap(handle, dtype=np.uint8, mode="w+", shape=(beyond,))
+        return beyond
+
+    def __contains__(self, key):
+        return key in self.rows or key in self.spilled
+
+    def get(self, key):
+        if key in self.rows:
+            return self.rows[key]
+        offset, shape, dtype = self.spilled[key]
+        size = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        return torch.from_numpy(self.disk[offset:offset + size]).view(dtype).reshape(shape)
+
+    def put(self, key, value):
+        """Keep one row's activations; False once there is no room left anywhere."""
+        size = value.numel() * value.element_size()
+        if self.used + size <= self.budget:
+            self.rows[key] = value.clone()
+            self.used += size
+            return True
+        if self.disk is not None and self.disk_used + size <= self.disk.shape[0]:
+            raw = value.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()
+            self.disk[self.disk_used:self.disk_used + size] = raw
+            self.spilled[key] = (self.disk_used, tuple(value.shape), value.dtype)
+            self.disk_used += size
+            return True
+        self.full = True
+        return False
 
 
 def pick_device(device="auto"):
@@ -140,14 +190,23 @@ def attach_lora(m, spec, seed=0):
 
 
 def savings(m, rows, tokens):
-    """What the training step saves, and what that costs in memory, in lines for the user."""
+    """What the training step saves, and what that costs in memory and disk, in lines for the user.
+    Also sets the frozen-prefix cache up for `tokens` tokens over `rows` rows."""
+    from tunelab import models
+
     lines = ["output projection and loss only at supervised positions; no backward below the lowest adapted block"]
     if m.prefix is not None:
-        hidden = _base_lm(m).config.hidden_size
-        need = tokens * hidden * 4
-        fits = "" if need <= m.prefix.budget else f"; only about {m.prefix.budget / need:.0%} of rows fit the budget"
+        need = tokens * _base_lm(m).config.hidden_size * torch.empty((), dtype=m.dtype).element_size()
+        on_disk = m.prefix.plan(need, models.cache_dir() / "prefix-cache")
+        where = f"{need / 1e6:,.0f} MB in memory"
+        if on_disk > 0:
+            where = (f"{m.prefix.budget / 1e6:,.0f} MB in memory, {on_disk / 1e6:,.0f} MB in a memory-mapped file "
+                     f"under {models.cache_dir() / 'prefix-cache'} (removed at exit)")
+        elif on_disk < 0:
+            where = (f"{m.prefix.budget / 1e6:,.0f} MB in memory; the other {-on_disk / 1e6:,.0f} MB fit neither "
+                     f"the memory budget nor the free disk, so about {-on_disk / need:.0%} of rows are recomputed")
         lines.append(f"frozen-prefix cache: blocks 0-{m.prefix.first - 1} run once per row, not once per epoch "
-                     f"({need / 1e6:,.0f} MB for {rows} rows{fits})")
+                     f"({rows} rows: {where})")
     return lines
 
 
@@ -220,22 +279,17 @@ def _only_blocks(body, blocks, final_norm=True):
 def _prefix_hidden(m, body, batch, tokens, attention):
     """Output of the frozen blocks below the adapted ones [B, T, H], from the cache where it has the rows."""
     cache, keys = m.prefix, batch.keys
-    if keys is None or any(k not in cache.rows for k in keys):
+    if keys is None or any(k not in cache for k in keys):
         with torch.no_grad(), _only_blocks(body, slice(0, cache.first), final_norm=False):
             hidden = body(input_ids=tokens, attention_mask=attention).last_hidden_state
         if keys is not None and not cache.full:
             for row, key in enumerate(keys):
-                length = int(batch.lengths[row]) - 1
-                size = length * hidden.shape[-1] * hidden.element_size()
-                if cache.used + size > cache.budget:
-                    cache.full = True
+                if key not in cache and not cache.put(key, hidden[row, :int(batch.lengths[row]) - 1]):
                     break
-                cache.rows[key] = hidden[row, :length].clone()
-                cache.used += size
         return hidden
     hidden = torch.zeros((len(keys), tokens.shape[1], body.config.hidden_size), dtype=m.dtype, device=m.device)
     for row, key in enumerate(keys):
-        cached = cache.rows[key]
+        cached = cache.get(key)
         hidden[row, :cached.shape[0]] = cached
     return hidden
 
