@@ -140,13 +140,46 @@ def run_trl_defaults(model_dir, folder, iters, out):
     return run_trl(model_dir, folder, iters, out)
 
 
-RUNNERS = {"tunelab": run_tunelab, "trl": run_trl, "trl-defaults": run_trl_defaults}
+def run_mlx_lm(model_dir, folder, iters, out):
+    """mlx-lm's own `mlx_lm.lora` (its main, its trainer), with a callback that records each step."""
+    import shutil
+
+    import mlx_lm.lora
+
+    iters = MLX_ITERS
+    data = Path(out).parent / "mlx-data"          # mlx-lm reads train.jsonl and valid.jsonl
+    data.mkdir(exist_ok=True)
+    for split in ("train", "valid"):
+        shutil.copy(Path(folder) / f"{split}.jsonl", data / f"{split}.jsonl")
+    config = Path(out).parent / "mlx-lora.yaml"
+    config.write_text(f"lora_parameters: {{rank: {RANK}, scale: {SCALE}, dropout: 0.0}}\n")
+    reports = []
+
+    class Recorder(mlx_lm.lora.TrainingCallback):
+        def on_train_loss_report(self, info):
+            reports.append(info)
+
+    # mlx_lm.lora.run builds its callback from --report-to; hand it ours instead
+    mlx_lm.lora.get_reporting_callbacks = lambda *a, **k: Recorder()
+    sys.argv = ["mlx_lm.lora", "--train", "--model", str(model_dir), "--data", str(data), "--batch-size", str(BATCH),
+                "--num-layers", str(LAYERS), "--iters", str(iters), "--mask-prompt", "--learning-rate", str(LR),
+                "--steps-per-report", "1", "--steps-per-eval", str(iters * 10), "--val-batches", "1",
+                "--save-every", str(iters * 10), "-c", str(config), "--adapter-path", str(Path(out).parent / "mlx-run")]
+    started = time.perf_counter()
+    mlx_lm.lora.main()
+    return {"losses": {r["iteration"]: r["train_loss"] for r in reports},
+            "train_seconds": sum(1 / r["iterations_per_second"] for r in reports), "iterations": len(reports),
+            "wall_seconds": time.perf_counter() - started, "peak_mlx_gb": max(r["peak_memory"] for r in reports)}
+
+
+MLX_ITERS = 5   # set from --mlx-iters: mlx[cpu] on Linux takes tens of seconds a step
+RUNNERS = {"tunelab": run_tunelab, "trl": run_trl, "trl-defaults": run_trl_defaults, "mlx-lm": run_mlx_lm}
 
 
 def use_workload(args):
-    global LAYERS, BATCH, DEVICE, DTYPE
+    global LAYERS, BATCH, DEVICE, DTYPE, MLX_ITERS
     LAYERS, BATCH = WORKLOADS[args.workload]["layers"], WORKLOADS[args.workload]["batch"]
-    DEVICE, DTYPE = args.device, args.dtype
+    DEVICE, DTYPE, MLX_ITERS = args.device, args.dtype, args.mlx_iters
 
 
 def build_model(args, folder):
@@ -226,7 +259,9 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--tools", default="tunelab,trl",
-                        help="comma-separated: tunelab, trl, trl-defaults (TRL with its gradient checkpointing on)")
+                        help="comma-separated: tunelab, trl, trl-defaults (TRL with its gradient checkpointing on), "
+                             "mlx-lm (mlx_lm lora; on Linux its CPU build, --mlx-iters steps only)")
+    parser.add_argument("--mlx-iters", type=int, default=5, help="iterations for mlx-lm (default 5)")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -251,13 +286,14 @@ def main(argv=None):
             out = tmp / f"{tool}-{round_no}.json"
             done = subprocess.run([sys.executable, __file__, "--run", tool, "--workload", args.workload,
                                    "--data", str(tmp / "data"), "--iters", str(args.iters), "--out", str(out),
-                                   "--model-dir", str(model_dir), "--device", args.device, "--dtype", args.dtype])
+                                   "--model-dir", str(model_dir), "--device", args.device, "--dtype", args.dtype,
+                                   "--mlx-iters", str(args.mlx_iters)])
             if done.returncode != 0:
                 print(f"round {round_no + 1} {tool}: FAILED (exit {done.returncode})", flush=True)
                 continue
             results[tool].append(json.loads(out.read_text()))
             r = results[tool][-1]
-            print(f"round {round_no + 1} {tool}: {r['train_seconds'] / args.iters:.3f} s/it, "
+            print(f"round {round_no + 1} {tool}: {r['train_seconds'] / r.get('iterations', args.iters):.3f} s/it, "
                   f"peak {r.get('peak_gpu_gb', r['peak_rss_gb']):.2f} GB", flush=True)
 
     peak = matmul_peak(args.device, args.dtype)
@@ -273,7 +309,7 @@ def main(argv=None):
     for tool, runs in results.items():
         if not runs:
             continue
-        seconds = statistics.median(r["train_seconds"] / args.iters for r in runs)
+        seconds = statistics.median(r["train_seconds"] / r.get("iterations", args.iters) for r in runs)
         tokens = BATCH * runs[0]["tokens_per_row"] if runs[0].get("tokens_per_row") else per_step[0]
         sup = BATCH * runs[0]["supervised_per_row"] if runs[0].get("supervised_per_row") else per_step[1]
         losses = runs[0]["losses"]
