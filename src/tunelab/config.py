@@ -74,7 +74,9 @@ class LoraOptions:
     mask_prompt: bool = opt(False, "Train only on the answers: every assistant turn of chat rows (see --train-on), "
                             "the completion of completions rows.")
     num_layers: int = opt(16, "Number of final layers to train (-1: all).")
-    batch_size: int = opt(4, "Rows per step.")
+    batch_size: int = opt(4, "Rows per step (per micro-batch with --grad-accumulation-steps).")
+    grad_accumulation_steps: int = opt(1, "Micro-batches whose gradients make one optimizer step: the step "
+                                       "sees batch-size x this rows, with the memory of one micro-batch.")
     iters: int = opt(1000, "Training steps.")
     val_batches: int = opt(25, "Validation batches per evaluation (-1: the whole valid set).")
     test_batches: int = opt(500, "Test batches (-1: the whole test set).")

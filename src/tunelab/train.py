@@ -24,7 +24,7 @@ def check_options(opts):
     problems = []
     if not (opts.train or opts.test):
         problems.append("nothing to do: pass --train to train an adapter and/or --test to measure test loss")
-    positive = ("batch_size", "iters", "steps_per_report", "steps_per_eval", "save_every",
+    positive = ("batch_size", "grad_accumulation_steps", "iters", "steps_per_report", "steps_per_eval", "save_every",
                 "max_seq_length", "lora_rank")
     problems += [f"--{n.replace('_', '-')}: must be at least 1, got {getattr(opts, n)}"
                  for n in positive if getattr(opts, n) < 1]
@@ -108,11 +108,11 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print):
                bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining} {postfix}")
     try:
         for step in range(1, opts.iters + 1):
-            batch = next(batches)
-            result = engine.train_step(model, optimizer, batch)
+            micro = [next(batches) for _ in range(opts.grad_accumulation_steps)]
+            result = engine.train_step(model, optimizer, micro if len(micro) > 1 else micro[0])
             window_loss += result.loss
             window_steps += 1
-            window_tokens += batch.real_tokens
+            window_tokens += sum(b.real_tokens for b in micro)
             if step % opts.steps_per_report == 0 or step == opts.iters:
                 seconds = time.perf_counter() - window_start
                 last_loss, tokens_per_s = window_loss / window_steps, window_tokens / seconds

@@ -175,7 +175,8 @@ def test_every_command_runs_on_the_mlx_engine(tiny_llama, tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     steps = [["prepare", "--out", "data", "--num-rows", "30", "--valid-rows", "4", "--test-rows", "3"],
              ["lora", "--engine", "mlx", "--train", "--test", "--model", str(tiny_llama), "--data", "data",
-              "--iters", "4", "--num-layers", "1", "--mask-prompt", "--steps-per-report", "2", "--adapter-path", "run"],
+              "--iters", "4", "--num-layers", "1", "--mask-prompt", "--steps-per-report", "2", "--grad-accumulation-steps", "2",
+              "--adapter-path", "run"],
              ["fuse", "--engine", "mlx", "--model", str(tiny_llama), "--adapter-path", "run", "--save-path", "fused"],
              ["generate", "--engine", "mlx", "--model", "fused", "--prompt", "What is a?", "--max-tokens", "4"],
              ["eval", "--engine", "mlx", "--model", str(tiny_llama), "--adapter-path", "run", "--data", "data",
@@ -187,3 +188,27 @@ def test_every_command_runs_on_the_mlx_engine(tiny_llama, tmp_path, monkeypatch,
     assert (tmp_path / "fused" / "model.safetensors").is_file()
     results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
     assert set(results["models"]) == {"base", "tuned"} and results["rows"] == 3
+
+
+def test_a_model_saved_quantized_by_mlx_lm_trains_and_fuses(tiny_llama, tmp_path):
+    """A folder from `mlx_lm.convert -q` (4-bit, as mlx-community publishes): loaded as it is, adapters
+    trained on it, reloaded with them, fused into a plain float folder that torch loads."""
+    from mlx_lm import convert
+
+    from tunelab import engines
+
+    convert(str(tiny_llama), str(tmp_path / "q4"), quantize=True, q_bits=4, q_group_size=32)
+    run = train_with_cli("mlx", tmp_path / "q4", tmp_path)
+    assert json.loads((run / adapters.CONFIG).read_text())["tunelab_quantization"] == {"bits": 4, "group_size": 32}
+    _, m, _ = engines.load(str(tmp_path / "q4"), run, device="cpu", dtype="float32", log=lambda *_: None,
+                           engine="mlx")
+    assert m.quantized == (4, 32)
+    tokens = batch_for(m).tokens
+    expected = mlx.logits(m, tokens)
+    mlx.fuse(m, tmp_path / "fused")
+    config = json.loads((tmp_path / "fused" / "config.json").read_text())
+    assert "quantization" not in config and "quantization_config" not in config
+    fused = load(torch_engine, tmp_path / "fused")
+    np.testing.assert_allclose(torch_engine.logits(fused, tokens), expected, rtol=0, atol=1e-4 * scale_of(expected))
+    with pytest.raises(Exception, match="already quantized"):
+        mlx.load(tmp_path / "q4", device="cpu", dtype="float32", log=lambda *_: None, quantize=(8, 32))

@@ -166,3 +166,28 @@ def test_batched_generation_equals_one_prompt_at_a_time(engine, tiny_model):
 def test_peak_memory_is_reported(engine, tiny_model):
     load(engine, tiny_model)
     assert engine.peak_memory() > 0
+
+
+def test_gradient_accumulation_equals_one_batch_of_every_row(engine, tiny_model):
+    """Micro-batches of 1 and 2 rows give the step that one batch of all 3 gives: the loss is the mean
+    over all supervised tokens (not a mean of micro-batch means), and so is the update."""
+    runs = []
+    for split in (False, True):
+        model, spec = with_adapter(engine, tiny_model)
+        examples = [encode_row(model.tokenizer, r, "chat", True) for r in ROWS]
+        batches = [collate(examples[:1]), collate(examples[1:])] if split else collate(examples)
+        optimizer = engine.make_optimizer(model, 1e-3)
+        results = [engine.train_step(model, optimizer, batches) for _ in range(4)]
+        runs.append((results, engine.adapter_tensors(model)))
+    (whole, whole_tensors), (micro, micro_tensors) = runs
+    assert [r.supervised_tokens for r in micro] == [r.supervised_tokens for r in whole]
+    np.testing.assert_allclose([r.loss for r in micro], [r.loss for r in whole], rtol=1e-5)
+    # the test can tell the two means apart: the mean of the micro-batch means is another number
+    fresh, _ = with_adapter(engine, tiny_model)
+    sums, counts = engine.eval_loss(fresh, collate(examples))
+    mean_of_means = (sums[0] / counts[0] + sums[1:].sum() / counts[1:].sum()) / 2
+    assert whole[0].loss == pytest.approx(sums.sum() / counts.sum(), rel=1e-5)
+    assert mean_of_means != pytest.approx(whole[0].loss, rel=1e-3)
+    for module, (a, b) in whole_tensors.items():
+        np.testing.assert_allclose(micro_tensors[module][0], a, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(micro_tensors[module][1], b, rtol=0, atol=1e-6)

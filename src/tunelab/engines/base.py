@@ -11,7 +11,10 @@ An engine is a module with these functions (`Model` is the engine's own handle):
   adapter_tensors(model) -> {module: (A, B)}          numpy copies, for adapters.save
   savings(model, rows, tokens) -> [str]               what the training step saves, and its memory cost
   make_optimizer(model, learning_rate) -> Optimizer
-  train_step(model, optimizer, batch) -> StepResult   one Adam step on a batching.Batch
+  train_step(model, optimizer, batches) -> StepResult one Adam step on a batching.Batch, or on a list of
+                                                      micro-batches (gradient accumulation): the loss is the
+                                                      mean over all their supervised tokens, exactly as one
+                                                      batch holding every row would give
   eval_loss(model, batch) -> (loss_sums, counts)     per row [B]: summed cross-entropy over its
                                                       supervised tokens, and their number
   generate(model, prompt_ids, max_tokens, temp, top_p, seed, stop_ids)

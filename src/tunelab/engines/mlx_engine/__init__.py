@@ -92,9 +92,17 @@ def load(model_dir, device="auto", dtype="auto", log=print, training=False, quan
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{model_dir}: mlx-lm could not load this model: {e}") from None
-    if not _is_quantized(model):
-        model.set_dtype(dt)
     quantized = None
+    if _is_quantized(model):                  # a model saved quantized (e.g. an mlx-community 4-bit one)
+        saved = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("quantization", {})
+        quantized = (saved.get("bits"), saved.get("group_size"))
+    else:
+        model.set_dtype(dt)
+    if quantize and quantized:
+        if tuple(quantize) != tuple(quantized):
+            raise UserError(f"--quantize {quantize[0]} (groups of {quantize[1]}): {model_dir} is already quantized "
+                            f"({quantized[0]} bits, groups of {quantized[1]}); leave --quantize out")
+        quantize = None                       # already as asked
     if quantize:
         bits, group_size = quantize
         nn.quantize(model, group_size=group_size, bits=bits,
@@ -271,20 +279,29 @@ def _token_losses(model_fn, m, batch):
     return nn.losses.cross_entropy(logits, targets, reduction="none"), rows
 
 
-def train_step(m, optimizer, batch):
+def train_step(m, optimizer, batches):
+    """One Adam step over one batch or several micro-batches (gradients accumulated, one backward each)."""
+    from mlx.utils import tree_map
+
     m.model.train()
+    batches = batches if isinstance(batches, (list, tuple)) else [batches]
+    total = sum(int(b.supervised[:, 1:].sum()) for b in batches)
+    loss_sum, grads = 0.0, None
+    for batch in batches:
+        def loss_fn(model):
+            losses, _ = _token_losses(model.model, m, batch)
+            return losses.sum() / total
 
-    def loss_fn(model):
-        losses, _ = _token_losses(model.model, m, batch)
-        return losses.sum() / losses.shape[0]
-
-    loss, grads = nn.value_and_grad(m.model, loss_fn)(m.model)
+        part, part_grads = nn.value_and_grad(m.model, loss_fn)(m.model)
+        grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
+        mx.eval(grads, part)
+        loss_sum += float(part) * total
     optimizer.update(m.model, grads)
-    mx.eval(m.model.trainable_parameters(), optimizer.state, loss)
-    value = float(loss)
+    mx.eval(m.model.trainable_parameters(), optimizer.state)
+    value = loss_sum / total
     if not np.isfinite(value):
         raise UserError(f"the training loss became {value}; lower --learning-rate")
-    return StepResult(value, int(batch.supervised[:, 1:].sum()))
+    return StepResult(value, total)
 
 
 def eval_loss(m, batch):
@@ -348,7 +365,7 @@ def fuse(m, save_dir, dequantize=True):
     fused = [(path, layer.fuse(dequantize=dequantize)) for path, layer in _lora_modules(m).items()]
     if fused:
         m.model.update_modules(tree_unflatten(fused))
-    if dequantize and m.quantized:
+    if dequantize and _is_quantized(m.model):
         from mlx_lm.utils import dequantize_model
 
         m.model = dequantize_model(m.model)
@@ -359,6 +376,8 @@ def fuse(m, save_dir, dequantize=True):
     config = json.loads((m.model_dir / "config.json").read_text(encoding="utf-8"))
     config.update(_mlx_config(m.model_dir))
     config["torch_dtype"] = config["dtype"] = _dtype_name(m.dtype)
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
     if m.quantized:
         bits, group_size = m.quantized
         config["quantization"] = {"bits": bits, "group_size": group_size}

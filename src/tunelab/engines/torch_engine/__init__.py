@@ -312,18 +312,22 @@ def _token_losses(m, batch):
     return losses, targeted.nonzero()[:, 0]
 
 
-def train_step(m, optimizer, batch):
+def train_step(m, optimizer, batches):
+    """One Adam step over one batch or several micro-batches (gradients accumulated, one backward each)."""
     m.model.train()
-    losses, _ = _token_losses(m, batch)
-    n = losses.numel()
-    loss = losses.sum() / n
-    loss.backward()
+    batches = batches if isinstance(batches, (list, tuple)) else [batches]
+    total = sum(int(b.supervised[:, 1:].sum()) for b in batches)
+    loss_sum = 0.0
+    for batch in batches:
+        losses, _ = _token_losses(m, batch)
+        (losses.sum() / total).backward()
+        loss_sum += float(losses.detach().sum())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    value = float(loss.detach())
+    value = loss_sum / total
     if not np.isfinite(value):
         raise UserError(f"the training loss became {value}; lower --learning-rate")
-    return StepResult(value, n)
+    return StepResult(value, total)
 
 
 @torch.no_grad()
