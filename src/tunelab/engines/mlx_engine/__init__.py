@@ -14,7 +14,7 @@ import json
 import resource
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -31,6 +31,21 @@ name = "mlx"
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
+PREFIX_CACHE_BUDGET = 2 * 1024**3   # bytes of cached activations; rows beyond it are recomputed
+PREFIX_CACHE_MODELS = ("llama", "qwen2")   # block call signature known: block(h, mask, cache)
+
+
+@dataclass
+class PrefixCache:
+    """Output of blocks [0, first) for each row, computed once (those blocks are frozen and have no
+    dropout), as the torch engine keeps it."""
+    first: int
+    budget: int = PREFIX_CACHE_BUDGET
+    rows: dict = field(default_factory=dict)   # batch key -> array [T, H]
+    used: int = 0
+    full: bool = False
+
+
 @dataclass
 class Model:
     model: nn.Module          # an mlx-lm Model (body at .model, head tied or .lm_head)
@@ -40,6 +55,7 @@ class Model:
     model_dir: Path
     spec: object = None       # adapters.AdapterSpec when adapters are attached
     quantized: tuple = None   # (bits, group_size) when the base weights are quantized
+    prefix: PrefixCache = None
 
 
 def pick_device(device="auto"):
@@ -213,6 +229,9 @@ def attach_lora(m, spec, seed=0):
     m.model.freeze()
     m.model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
     m.spec = spec
+    first = min(spec.layers)
+    if first > 0 and getattr(m.model.args, "model_type", "") in PREFIX_CACHE_MODELS:
+        m.prefix = PrefixCache(first)
 
 
 def _lora_modules(m):
@@ -250,7 +269,13 @@ def adapter_tensors(m):
 
 
 def savings(m, rows, tokens):
-    return ["output projection and loss only at supervised positions; no backward below the lowest adapted block"]
+    lines = ["output projection and loss only at supervised positions; no backward below the lowest adapted block"]
+    if m.prefix is not None:
+        need = tokens * m.model.args.hidden_size * m.dtype.size
+        fits = "" if need <= m.prefix.budget else f"; only about {m.prefix.budget / need:.0%} of rows fit the budget"
+        lines.append(f"frozen-prefix cache: blocks 0-{m.prefix.first - 1} run once per row, not once per epoch "
+                     f"({need / 1e6:,.0f} MB for {rows} rows{fits})")
+    return lines
 
 
 def make_optimizer(m, learning_rate):
@@ -265,14 +290,51 @@ def _head(m, hidden):
     return lm.lm_head(hidden)
 
 
-def _token_losses(model_fn, m, batch):
+def _blocks(body, h, layers):
+    from mlx_lm.models.base import create_attention_mask
+
+    mask = create_attention_mask(h, None)
+    for layer in layers:
+        h = layer(h, mask, cache=None)
+    return h
+
+
+def _prefix_hidden(m, body, inputs, batch):
+    """Output of the frozen blocks below the adapted ones [B, T, H], from the cache where it has the rows."""
+    cache, keys = m.prefix, batch.keys
+    if keys is None or any(k not in cache.rows for k in keys):
+        hidden = mx.stop_gradient(_blocks(body, body.embed_tokens(inputs), body.layers[:cache.first]))
+        mx.eval(hidden)
+        if keys is not None and not cache.full:
+            for row, key in enumerate(keys):
+                value = hidden[row, :int(batch.lengths[row]) - 1]
+                if cache.used + value.nbytes > cache.budget:
+                    cache.full = True
+                    break
+                cache.rows[key] = value
+                cache.used += value.nbytes
+        return hidden
+    width = inputs.shape[1]
+    return mx.stack([mx.pad(cache.rows[k], [(0, width - cache.rows[k].shape[0]), (0, 0)]) for k in keys])
+
+
+def _hidden(m, inputs, batch):
+    """The body's final hidden states [B, T, H]. Right padding: every real position attends only to
+    earlier real ones under the causal mask, so padding changes nothing that is scored."""
+    body = m.model.model
+    if m.prefix is None:
+        return body(inputs)
+    start = _prefix_hidden(m, body, inputs, batch)
+    return body.norm(_blocks(body, start, body.layers[m.prefix.first:]))
+
+
+def _token_losses(m, batch):
     """Cross-entropy of each supervised target [N] (logits only where there is a label), and its row [N]."""
     inputs = mx.array(batch.tokens[:, :-1])
     targeted = batch.supervised[:, 1:]
     rows, cols = np.nonzero(targeted)
     width = inputs.shape[1]
-    # Right padding: every real position attends only to earlier real ones under the causal mask.
-    hidden = model_fn(inputs)                                                # [B, T-1, H]
+    hidden = _hidden(m, inputs, batch)                                       # [B, T-1, H]
     picked = hidden.reshape(-1, hidden.shape[-1])[mx.array(rows * width + cols)]
     logits = _head(m, picked).astype(mx.float32)                             # [N, V]
     targets = mx.array(batch.tokens[:, 1:][targeted])
@@ -288,8 +350,8 @@ def train_step(m, optimizer, batches):
     total = sum(int(b.supervised[:, 1:].sum()) for b in batches)
     loss_sum, grads = 0.0, None
     for batch in batches:
-        def loss_fn(model):
-            losses, _ = _token_losses(model.model, m, batch)
+        def loss_fn(model):        # `model` is m.model, its trainable arrays swapped in by value_and_grad
+            losses, _ = _token_losses(m, batch)
             return losses.sum() / total
 
         part, part_grads = nn.value_and_grad(m.model, loss_fn)(m.model)
@@ -307,7 +369,7 @@ def train_step(m, optimizer, batches):
 def eval_loss(m, batch):
     """Summed cross-entropy and supervised-token count of each row: two numpy arrays [B]."""
     m.model.eval()
-    losses, rows = _token_losses(m.model.model, m, batch)
+    losses, rows = _token_losses(m, batch)
     values = np.array(losses.astype(mx.float32)).astype(np.float64)
     size = batch.tokens.shape[0]
     return np.bincount(rows, weights=values, minlength=size), np.bincount(rows, minlength=size)
@@ -387,6 +449,7 @@ def fuse(m, save_dir, dequantize=True):
         if (m.model_dir / extra).is_file() and not (save_dir / extra).is_file():
             shutil.copy(m.model_dir / extra, save_dir / extra)
     m.spec = None
+    m.prefix = None
 
 
 def peak_memory():
