@@ -103,7 +103,7 @@ class LoraOptions:
     engine: str = opt("auto", "Compute engine: mlx (Apple silicon) or torch (NVIDIA GPUs, CPUs); auto picks mlx on "
                       "Apple silicon when it is installed, torch elsewhere.", choices=["auto", "torch", "mlx"])
     device: str = opt("auto", "Compute device.", choices=["auto", "cpu", "cuda", "mps"])
-    dtype: str = opt("auto", "Compute dtype (auto: bfloat16 on GPUs and on CPUs with bfloat16 matrix instructions, "
+    dtype: str = opt("auto", "Compute dtype (auto: bfloat16 on GPUs, and for --train on CPUs with bfloat16 matrix instructions, "
                      "adapters and optimizer state staying float32; else float32).",
                      choices=["auto", "float32", "bfloat16", "float16"])
     quantize: int = opt(None, "QLoRA: load the base model's linear layers quantized to this many bits (mlx engine).",

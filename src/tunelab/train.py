@@ -145,7 +145,7 @@ def lora(opts, log=print):
     tested_adapter = opts.adapter_path if opts.test and not opts.train else None  # '' = the base model
     quantize = (opts.quantize, opts.q_group_size) if opts.quantize else None
     engine, model, model_dir = engines.load(opts.model, tested_adapter, opts.device, opts.dtype, log=log,
-                                            engine=opts.engine, quantize=quantize, training=True)
+                                            engine=opts.engine, quantize=quantize, training=opts.train)
     if opts.chat_template:
         set_chat_template(model.tokenizer, opts.chat_template)
     result = {}
