@@ -70,7 +70,8 @@ class LoraOptions:
     data: str = opt("data", "Folder with train.jsonl and valid.jsonl (for --train) and test.jsonl (for --test).")
     train: bool = opt(False, "Train an adapter.")
     test: bool = opt(False, "Report loss and perplexity on test.jsonl.")
-    fine_tune_type: str = opt("lora", "Type of fine-tuning.", choices=["lora"])
+    fine_tune_type: str = opt("lora", "Type of fine-tuning: lora, or dora (LoRA plus a trained magnitude for each "
+                              "output row of an adapted weight).", choices=["lora", "dora"])
     mask_prompt: bool = opt(False, "Train only on the answers: every assistant turn of chat rows (see --train-on), "
                             "the completion of completions rows.")
     num_layers: int = opt(16, "Number of final layers to train (-1: all).")

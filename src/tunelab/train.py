@@ -154,7 +154,8 @@ def lora(opts, log=print):
         valid_set = load_split(model, opts.data, "valid", opts, log)
         total_layers = models.read_config(model_dir)["num_hidden_layers"]
         spec = adapters.spec_for(opts.num_layers, total_layers, opts.lora_rank, opts.lora_scale,
-                                 opts.lora_dropout, opts.lora_keys, base_model=opts.model)
+                                 opts.lora_dropout, opts.lora_keys, base_model=opts.model,
+                                 dora=opts.fine_tune_type == "dora")
         spec.quantization = getattr(model, "quantized", None)
         engine.attach_lora(model, spec, seed=opts.seed)
         run_dir = Path(opts.adapter_path)
@@ -164,7 +165,8 @@ def lora(opts, log=print):
                             "dtype": str(model.dtype).split(".")[-1]}, model_dir, data_files)
         supervised = sum(int(ex.supervised.sum()) for ex in train_set)
         tokens = sum(len(ex.tokens) for ex in train_set)
-        log(f"Training {len(spec.modules())} LoRA modules (rank {spec.rank}, scale {spec.scale:g}) on the top "
+        kind = "DoRA" if spec.dora else "LoRA"
+        log(f"Training {len(spec.modules())} {kind} modules (rank {spec.rank}, scale {spec.scale:g}) on the top "
             f"{spec.num_layers} blocks; {len(train_set)} rows, {tokens} tokens, "
             f"{100 * supervised / tokens:.0f}% supervised")
         for line in engine.savings(model, len(train_set) + len(valid_set),

@@ -191,3 +191,67 @@ def test_gradient_accumulation_equals_one_batch_of_every_row(engine, tiny_model)
     for module, (a, b) in whole_tensors.items():
         np.testing.assert_allclose(micro_tensors[module][0], a, rtol=0, atol=1e-6)
         np.testing.assert_allclose(micro_tensors[module][1], b, rtol=0, atol=1e-6)
+
+
+def with_dora(engine, folder, seed=0):
+    """A DoRA adapter on the top block with B and the magnitudes moved away from their start."""
+    model = load(engine, folder)
+    spec = adapters.spec_for(1, 2, 4, 2.0, 0.0, dora=True)
+    engine.attach_lora(model, spec, seed=seed)
+    gen = np.random.default_rng(seed)
+    tensors = {m: (a, gen.standard_normal(b.shape).astype(np.float32) * 0.2,
+                   mag * (1 + 0.3 * gen.standard_normal(mag.shape).astype(np.float32)))
+               for m, (a, b, mag) in engine.adapter_tensors(model).items()}
+    engine.set_adapter(model, spec, tensors)
+    return model, spec
+
+
+def test_fresh_dora_reproduces_base_logits_and_its_files_round_trip(engine, tiny_model, tmp_path):
+    base = load(engine, tiny_model)
+    tokens = batch_for(base).tokens
+    fresh = load(engine, tiny_model)
+    engine.attach_lora(fresh, adapters.spec_for(1, 2, 4, 2.0, 0.0, dora=True))
+    magnitudes = [t[2] for t in engine.adapter_tensors(fresh).values()]
+    assert len(magnitudes) == 7 and all(m.ndim == 1 for m in magnitudes)
+    np.testing.assert_allclose(engine.logits(fresh, tokens), engine.logits(base, tokens), rtol=0, atol=1e-5)
+    model, spec = with_dora(engine, tiny_model)
+    expected = engine.logits(model, tokens)
+    assert not np.allclose(expected, engine.logits(base, tokens), atol=1e-3)
+    adapters.save(tmp_path, spec, engine.adapter_tensors(model))
+    config = adapters.load(tmp_path)[0]
+    assert config.dora
+    for drop in (None, adapters.PEFT_WEIGHTS):             # both layouts, then the mlx-lm copy alone
+        if drop:
+            (tmp_path / drop).unlink()
+        again = load(engine, tiny_model)
+        engine.set_adapter(again, *adapters.load(tmp_path))
+        np.testing.assert_array_equal(engine.logits(again, tokens), expected)
+    with pytest.raises(UserError, match="fine-tune type"):   # a LoRA model refuses DoRA tensors
+        engine.set_adapter(with_adapter(engine, tiny_model)[0], spec, adapters.load(tmp_path)[1])
+
+
+def test_dora_trains_and_fuses(engine, tiny_model, tmp_path):
+    from tunelab.export.gguf_file import merge_adapter
+
+    model, spec = with_dora(engine, tiny_model)
+    batch = batch_for(model)
+    optimizer = engine.make_optimizer(model, 1e-2)
+    before = engine.adapter_tensors(model)
+    first = engine.train_step(model, optimizer, batch).loss
+    for _ in range(10):
+        last = engine.train_step(model, optimizer, batch).loss
+    assert last < first
+    after = engine.adapter_tensors(model)
+    assert all(not np.allclose(after[m][2], before[m][2]) for m in after)   # the magnitudes train too
+    tokens = batch.tokens
+    expected = engine.logits(model, tokens)
+    engine.fuse(model, tmp_path / "fused")
+    np.testing.assert_allclose(engine.logits(load(engine, tmp_path / "fused"), tokens), expected, rtol=0, atol=1e-4)
+    # the export's numpy merge gives the fused weights
+    from safetensors.numpy import load_file
+
+    weights = {k: v.astype(np.float32) for k, v in load_file(str(next(tiny_model.glob("*.safetensors")))).items()}
+    merge_adapter(weights, spec, after)
+    fused = {k: v.astype(np.float32) for k, v in load_file(str(next((tmp_path / "fused").glob("*.safetensors")))).items()}
+    for module in after:
+        np.testing.assert_allclose(weights[f"{module}.weight"], fused[f"{module}.weight"], rtol=0, atol=1e-5)

@@ -28,6 +28,9 @@ def check_options(opts, out):
         problems.append("--to gguf-lora exports an adapter: pass --adapter-path")
     if opts.adapter_path and not (Path(opts.adapter_path) / adapters.CONFIG).is_file():
         problems.append(f"--adapter-path {opts.adapter_path}: no adapter there ({adapters.CONFIG} is missing)")
+    elif opts.to == "gguf-lora" and adapters.load(opts.adapter_path)[0].dora:
+        problems.append(f"--to gguf-lora: {opts.adapter_path} is a DoRA adapter, whose magnitudes rescale whole weight "
+                        "rows, which a llama.cpp LoRA file cannot hold; export the merged model with --to gguf")
     if out.suffix != ".gguf":
         problems.append(f"--out {out}: the file name should end in .gguf")
     if out.exists() and not opts.overwrite:

@@ -88,12 +88,16 @@ def check_architecture(config, where):
 
 
 def merge_adapter(weights, spec, tensors):
-    """Fuse LoRA tensors into float32 weights in place: W += scale * B @ A (what `fuse` does)."""
-    for module, (a, b) in tensors.items():
+    """Fuse adapter tensors into float32 weights in place, as `fuse` does: W + scale * B @ A, and for DoRA
+    that scaled row by row to the trained magnitude M: M / ||W + scale B A|| (norm over each row)."""
+    for module, (a, b, *magnitude) in tensors.items():
         name = f"{module}.weight"
         if name not in weights:
             raise UserError(f"the adapter adapts {module}, which the model does not have: trained on another base?")
-        weights[name] = weights[name] + spec.scale * (np.asarray(b, np.float32) @ np.asarray(a, np.float32))
+        merged = weights[name] + spec.scale * (np.asarray(b, np.float32) @ np.asarray(a, np.float32))
+        if magnitude:
+            merged = merged * (np.asarray(magnitude[0], np.float32) / np.linalg.norm(merged, axis=1))[:, None]
+        weights[name] = merged
 
 
 def read_source(model_dir, adapter=None):

@@ -23,6 +23,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_unflatten
 
+from tunelab import adapters
 from tunelab.engines.base import StepResult
 from tunelab.errors import UserError
 
@@ -203,8 +204,10 @@ def _get(module, dotted):
 def attach_lora(m, spec, seed=0):
     """Replace spec's linear layers with LoRA layers (A uniform in +-1/sqrt(in), B zero: PEFT's
     Kaiming-uniform bound), scale = spec.scale. Only the adapters train."""
+    from mlx_lm.tuner.dora import DoRALinear
     from mlx_lm.tuner.lora import LoRALinear
 
+    layer_type = DoRALinear if spec.dora else LoRALinear
     mx.random.seed(seed)
     m.model.freeze()
     layers = m.model.layers
@@ -221,13 +224,13 @@ def attach_lora(m, spec, seed=0):
         if not isinstance(linear, (nn.Linear, nn.QuantizedLinear)):
             missing.append(module)
             continue
-        lora = LoRALinear.from_base(linear, r=spec.rank, dropout=spec.dropout, scale=spec.scale)
+        lora = layer_type.from_base(linear, r=spec.rank, dropout=spec.dropout, scale=spec.scale)
         layers[block].update_modules(tree_unflatten([(key, lora)]))
     if missing:
         raise UserError(f"the model has no module {missing[0]} to adapt ({len(missing)} missing); "
                         "check --lora-keys and --num-layers")
     m.model.freeze()
-    m.model.unfreeze(keys=["lora_a", "lora_b"], strict=False)
+    m.model.unfreeze(keys=["lora_a", "lora_b", "m"] if spec.dora else ["lora_a", "lora_b"], strict=False)
     m.spec = spec
     first = min(spec.layers)
     if first > 0 and getattr(m.model.args, "model_type", "") in PREFIX_CACHE_MODELS:
@@ -235,37 +238,34 @@ def attach_lora(m, spec, seed=0):
 
 
 def _lora_modules(m):
-    """{module path inside the causal LM: mlx-lm LoRALinear}."""
+    """{module path inside the causal LM: mlx-lm LoRALinear or DoRALinear}."""
+    from mlx_lm.tuner.dora import DoRALinear
     from mlx_lm.tuner.lora import LoRALinear
 
-    return {path: module for path, module in m.model.named_modules() if isinstance(module, LoRALinear)}
+    return {path: module for path, module in m.model.named_modules() if isinstance(module, (LoRALinear, DoRALinear))}
 
 
 def set_adapter(m, spec, tensors):
     """Attach adapters (if not yet) and load numpy (A [r, in], B [out, r]) tensors into them."""
     if m.spec is None:
         attach_lora(m, spec)
-    layers = _lora_modules(m)
-    problems = []
-    for module, (a, b) in tensors.items():
-        layer = layers.get(module)
-        if layer is None:
-            problems.append(f"adapter tensor for {module}: the model has no such adapted module")
-            continue
-        if layer.lora_a.shape != a.T.shape or layer.lora_b.shape != b.T.shape:
-            problems.append(f"adapter tensor for {module}: shapes {a.shape}/{b.shape} do not match the "
-                            f"model's {layer.lora_a.T.shape}/{layer.lora_b.T.shape}: trained on another base model?")
-            continue
+    def shapes(layer):
+        return [layer.lora_a.shape[::-1], layer.lora_b.shape[::-1]] + ([layer.m.shape] if m.spec.dora else [])
+
+    for layer, a, b, *magnitude in adapters.pair_with_layers(tensors, _lora_modules(m), shapes):
         layer.lora_a = mx.array(np.ascontiguousarray(np.asarray(a, dtype=np.float32).T))
         layer.lora_b = mx.array(np.ascontiguousarray(np.asarray(b, dtype=np.float32).T))
-    UserError.raise_if(problems)
+        if magnitude:
+            layer.m = mx.array(np.asarray(magnitude[0], dtype=np.float32))
     mx.eval(m.model.parameters())
 
 
 def adapter_tensors(m):
-    return {module: (np.array(layer.lora_a.astype(mx.float32)).T.copy(),
-                     np.array(layer.lora_b.astype(mx.float32)).T.copy())
-            for module, layer in _lora_modules(m).items()}
+    def arrays(layer):
+        out = (np.array(layer.lora_a.astype(mx.float32)).T.copy(), np.array(layer.lora_b.astype(mx.float32)).T.copy())
+        return out + ((np.array(layer.m.astype(mx.float32)),) if m.spec.dora else ())
+
+    return {module: arrays(layer) for module, layer in _lora_modules(m).items()}
 
 
 def savings(m, rows, tokens):

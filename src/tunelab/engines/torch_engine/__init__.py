@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tunelab import adapters
 from tunelab.engines.base import StepResult
 from tunelab.errors import UserError
 
@@ -160,7 +161,7 @@ def _lora_config(spec):
 
     return LoraConfig(r=spec.rank, lora_alpha=spec.scale * spec.rank, lora_dropout=spec.dropout,
                       target_modules=list(spec.keys), layers_to_transform=list(spec.layers),
-                      layers_pattern="layers", bias="none", task_type="CAUSAL_LM")
+                      layers_pattern="layers", bias="none", task_type="CAUSAL_LM", use_dora=spec.dora)
 
 
 def attach_lora(m, spec, seed=0):
@@ -220,30 +221,28 @@ def _lora_modules(m):
 
 
 def set_adapter(m, spec, tensors):
-    """Attach adapters (if not yet) and load numpy (A, B) tensors into them."""
+    """Attach adapters (if not yet) and load numpy (A [r, in], B [out, r]) tensors into them."""
     if m.spec is None:
         attach_lora(m, spec)
-    layers = _lora_modules(m)
-    problems = []
-    for module, (a, b) in tensors.items():
-        layer = layers.get(module)
-        if layer is None:
-            problems.append(f"adapter tensor for {module}: the model has no such adapted module")
-            continue
-        wa, wb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        if tuple(wa.shape) != a.shape or tuple(wb.shape) != b.shape:
-            problems.append(f"adapter tensor for {module}: shapes {a.shape}/{b.shape} do not match the "
-                            f"model's {tuple(wa.shape)}/{tuple(wb.shape)}: trained on another base model?")
-            continue
-        with torch.no_grad():
-            wa.copy_(torch.from_numpy(np.asarray(a)))
-            wb.copy_(torch.from_numpy(np.asarray(b)))
-    UserError.raise_if(problems)
+
+    pairs = adapters.pair_with_layers(tensors, _lora_modules(m),
+                                      lambda layer: [w.shape for w in _adapter_weights(m, layer)])
+    with torch.no_grad():
+        for layer, *arrays in pairs:
+            for weight, array in zip(_adapter_weights(m, layer), arrays):
+                weight.copy_(torch.from_numpy(np.asarray(array)))
+
+
+def _adapter_weights(m, layer):
+    """A PEFT layer's trained tensors in the adapters.py order: A, B (and DoRA's magnitude)."""
+    weights = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    if m.spec is not None and m.spec.dora:
+        weights.append(layer.lora_magnitude_vector["default"].weight)
+    return weights
 
 
 def adapter_tensors(m):
-    return {module: (layer.lora_A["default"].weight.detach().float().cpu().numpy(),
-                     layer.lora_B["default"].weight.detach().float().cpu().numpy())
+    return {module: tuple(w.detach().float().cpu().numpy().copy() for w in _adapter_weights(m, layer))
             for module, layer in _lora_modules(m).items()}
 
 
