@@ -1,5 +1,5 @@
 """What is the torch engine's own: PEFT and transformers read its files, its generation matches
-transformers', the frozen-prefix cache. The shared contract is in test_engine_contract.py."""
+transformers', the frozen-prefix cache on disk. The shared contract is in test_engine_contract.py."""
 
 import numpy as np
 import torch
@@ -87,56 +87,6 @@ def test_generation_builds_no_autograd_graph(tiny_model):
     engine.generate_batch(model, [[5, 6, 7]], max_tokens=3)
     list(engine.generate(model, [5, 6, 7], max_tokens=3))
     assert seen and not any(seen)
-
-
-def test_frozen_prefix_cache_gives_the_plain_losses_and_updates(tiny_model):
-    """Top block adapted, bottom block frozen: cached bottom-block outputs change nothing."""
-    examples = [encode_row(load(tiny_model).tokenizer, r, "chat", True) for r in ROWS]
-    from tunelab.data.batching import training_batches
-
-    runs = {}
-    for cached in (True, False):
-        model = load(tiny_model)
-        engine.attach_lora(model, adapters.spec_for(1, 2, 4, 20.0, 0.0), seed=0)
-        assert (model.prefix is not None) and model.prefix.first == 1
-        if not cached:
-            model.prefix = None
-        optimizer = engine.make_optimizer(model, 1e-2)
-        batches = training_batches(examples, 2, seed=0)
-        losses = [engine.train_step(model, optimizer, next(batches)).loss for _ in range(6)]  # 3 epochs
-        sums, _ = engine.eval_loss(model, collate(examples, keys=[("v", i) for i in range(3)]))
-        again, _ = engine.eval_loss(model, collate(examples, keys=[("v", i) for i in range(3)]))
-        runs[cached] = (losses, engine.adapter_tensors(model), sums, again, model.prefix)
-    (cached_losses, cached_tensors, cached_sums, cached_again, cache), (losses, tensors, sums, _, _) = \
-        runs[True], runs[False]
-    assert len(cache.rows) == 3 + 3 and cache.used > 0            # the training rows and the eval rows
-    np.testing.assert_allclose(cached_losses, losses, rtol=1e-6)
-    np.testing.assert_allclose(cached_sums, sums, rtol=1e-6)
-    np.testing.assert_array_equal(cached_again, cached_sums)
-    # the cached values are what the step uses: change them and the loss changes
-    model = load(tiny_model)
-    engine.attach_lora(model, adapters.spec_for(1, 2, 4, 20.0, 0.0))
-    batch = collate(examples, keys=[("v", i) for i in range(3)])
-    first, _ = engine.eval_loss(model, batch)
-    for key in model.prefix.rows:
-        model.prefix.rows[key] = model.prefix.rows[key] * 0.5
-    assert not np.allclose(engine.eval_loss(model, batch)[0], first)
-    for module, (a, b) in tensors.items():
-        np.testing.assert_allclose(cached_tensors[module][0], a, rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(cached_tensors[module][1], b, rtol=1e-5, atol=1e-7)
-
-
-def test_prefix_cache_stops_at_its_budget(tiny_model):
-    model = load(tiny_model)
-    engine.attach_lora(model, adapters.spec_for(1, 2, 4, 20.0, 0.0))
-    model.prefix.budget = 1
-    batch = batch_for(model)
-    batch.keys = (("r", 0), ("r", 1), ("r", 2))
-    engine.eval_loss(model, batch)
-    assert model.prefix.full and model.prefix.rows == {}
-    all_layers = load(tiny_model)
-    engine.attach_lora(all_layers, adapters.spec_for(-1, 2, 4, 20.0, 0.0))
-    assert all_layers.prefix is None                              # nothing frozen below: nothing to cache
 
 
 def test_prefix_cache_spills_to_disk_past_its_memory_budget(tiny_model, tmp_path, monkeypatch):
