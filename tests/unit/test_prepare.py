@@ -53,12 +53,17 @@ def test_refuses_to_replace_existing_output(tmp_path):
     assert not (out / "mine.txt").exists() and (out / "train.jsonl").exists()
 
 
-def test_local_csv_with_custom_templates(tmp_path):
-    src = tmp_path / "src.csv"
-    with open(src, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["q", "a"])
+def write_csv(path, rows):
+    """A CSV file with a header row: the keys of the first row."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerows({"q": f"question {i}", "a": f"answer {i}"} for i in range(10))
+        w.writerows(rows)
+    return path
+
+
+def test_local_csv_with_custom_templates(tmp_path):
+    src = write_csv(tmp_path / "src.csv", [{"q": f"question {i}", "a": f"answer {i}"} for i in range(10)])
     opts = PrepareOptions(source=str(src), out=str(tmp_path / "d"), system="", user="Q: {q}",
                           assistant="{a}", num_rows=10, valid_rows=2, test_rows=2)
     assert prepare(opts, log=lambda *_: None) == {"train": 6, "valid": 2, "test": 2}
@@ -188,11 +193,7 @@ def test_split_sizes_by_share_or_count(tmp_path):
 
 
 def test_csv_column_named_by_the_mapping_but_missing(tmp_path):
-    src = tmp_path / "src.csv"
-    with open(src, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["question", "answer"])
-        w.writeheader()
-        w.writerows({"question": f"q{i}", "answer": f"a{i}"} for i in range(10))
+    src = write_csv(tmp_path / "src.csv", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(10)])
     with pytest.raises(UserError) as e:
         prepare(PrepareOptions(source=str(src), out=str(tmp_path / "d"), num_rows=10, valid_rows=2, test_rows=2),
                 log=lambda *_: None)

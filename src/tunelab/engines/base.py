@@ -28,6 +28,8 @@ An engine is a module with these functions (`Model` is the engine's own handle):
 Everything above this line (data, the training loop, reports, files) is engine-neutral.
 """
 
+import resource
+import sys
 from dataclasses import dataclass
 
 
@@ -35,3 +37,9 @@ from dataclasses import dataclass
 class StepResult:
     loss: float              # mean cross-entropy over the batch's supervised tokens
     supervised_tokens: int
+
+
+def resident_peak():
+    """Peak resident memory of this process in bytes (ru_maxrss is bytes on macOS, KiB elsewhere)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

@@ -11,9 +11,7 @@ correct there, not fast. Use it for real training on Apple silicon.
 """
 
 import json
-import resource
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +21,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_unflatten
 
-from tunelab import adapters
-from tunelab.engines.base import StepResult
+from tunelab import adapters, models
+from tunelab.engines.base import StepResult, resident_peak
 from tunelab.errors import UserError
 
 name = "mlx"
@@ -60,7 +58,7 @@ class Model:
 
 
 def pick_device(device="auto"):
-    if device in ("cuda",):
+    if device == "cuda":
         raise UserError("--device cuda: the mlx engine runs on Apple GPUs (Metal) and CPUs; "
                         "use --engine torch for CUDA")
     has_gpu = mx.metal.is_available()
@@ -81,10 +79,9 @@ def pick_dtype(device_name, dtype="auto"):
     return mx.float32, "float32 is exact on CPU"
 
 
-def _mlx_config(model_dir):
-    """config.json as mlx-lm needs it: it reads rope_theta only at the top level, where transformers 5
+def _mlx_overrides(config):
+    """What config.json needs for mlx-lm: it reads rope_theta only at the top level, where transformers 5
     writes it under rope_parameters (mlx-lm would silently use its default otherwise)."""
-    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     extra = {}
     rope = config.get("rope_parameters") or {}
     if "rope_theta" not in config and "rope_theta" in rope:
@@ -104,14 +101,15 @@ def load(model_dir, device="auto", dtype="auto", log=print, training=False, quan
     mx.set_default_device(stream)
     dt, dt_reason = pick_dtype(dev_name, dtype)
     log(f"Device: mlx {dev_name} ({dev_reason}); dtype: {_dtype_name(dt)} ({dt_reason})")
+    config = models.read_config(model_dir)
     try:
-        model, _ = load_model(Path(model_dir), model_config=_mlx_config(model_dir))
+        model, _ = load_model(Path(model_dir), model_config=_mlx_overrides(config))
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{model_dir}: mlx-lm could not load this model: {e}") from None
     quantized = None
     if _is_quantized(model):                  # a model saved quantized (e.g. an mlx-community 4-bit one)
-        saved = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("quantization", {})
+        saved = config.get("quantization", {})
         quantized = (saved.get("bits"), saved.get("group_size"))
     else:
         model.set_dtype(dt)
@@ -125,7 +123,7 @@ def load(model_dir, device="auto", dtype="auto", log=print, training=False, quan
         nn.quantize(model, group_size=group_size, bits=bits,
                     class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % group_size == 0)
         quantized = (bits, group_size)
-        taken = _blocks_from_gguf(model, model_dir, bits, group_size, dt)
+        taken = _blocks_from_gguf(model, model_dir, config, bits, group_size, dt)
         source = f"; {taken} taken as they are from the GGUF file's own blocks" if taken else ""
         log(f"Quantized the linear layers to {bits} bits (groups of {group_size}){source}; "
             f"adapters stay {_dtype_name(dt)}")
@@ -137,13 +135,11 @@ def load(model_dir, device="auto", dtype="auto", log=print, training=False, quan
     return Model(model, tokenizer, dev_name, dt, Path(model_dir), quantized=quantized)
 
 
-def _blocks_from_gguf(model, model_dir, bits, group_size, dtype):
+def _blocks_from_gguf(model, model_dir, config, bits, group_size, dtype):
     """Where the model was imported from a GGUF file whose blocks already are `bits`-bit affine groups of
     `group_size` (Q4_1 is 4-bit, group 32: w = d * q + m), load those blocks into the quantized layers
     as they are, instead of quantizing the dequantized weights again (which would round a second time).
     Returns how many layers were taken from the file."""
-    from tunelab import models
-
     record = Path(model_dir) / "tunelab_import.json"
     if not record.is_file():
         return 0
@@ -151,7 +147,6 @@ def _blocks_from_gguf(model, model_dir, bits, group_size, dtype):
     if not source.is_file():
         return 0
     arrays = mx.load(str(source))
-    config = models.read_config(model_dir)
     permuted = config.get("model_type") == "llama"        # llama.cpp interleaves llama's Q/K rows
     heads = {"self_attn.q_proj": config["num_attention_heads"], "self_attn.k_proj": config["num_key_value_heads"]}
     gguf_names = {v.removesuffix(".weight"): k.removesuffix(".weight") for k, v in models.BLOCK_TENSORS.items()
@@ -190,11 +185,6 @@ def _dtype_name(dt):
     return str(dt).replace("mlx.core.", "")
 
 
-def _block_modules(m, spec):
-    """{tunelab module path: (block, attribute path inside the block)} for spec's modules."""
-    return {f"model.layers.{i}.{k}": (i, k) for i in spec.layers for k in spec.keys}
-
-
 def _get(module, dotted):
     for part in dotted.split("."):
         module = getattr(module, part)
@@ -212,7 +202,9 @@ def attach_lora(m, spec, seed=0):
     m.model.freeze()
     layers = m.model.layers
     missing = []
-    for module, (block, key) in _block_modules(m, spec).items():
+    for module in spec.modules():
+        _, _, block, key = module.split(".", 3)
+        block = int(block)
         if block >= len(layers):
             missing.append(module)
             continue
@@ -249,6 +241,7 @@ def set_adapter(m, spec, tensors):
     """Attach adapters (if not yet) and load numpy (A [r, in], B [out, r]) tensors into them."""
     if m.spec is None:
         attach_lora(m, spec)
+
     def shapes(layer):
         return [layer.lora_a.shape[::-1], layer.lora_b.shape[::-1]] + ([layer.m.shape] if m.spec.dora else [])
 
@@ -290,7 +283,7 @@ def _head(m, hidden):
     return lm.lm_head(hidden)
 
 
-def _blocks(body, h, layers):
+def _blocks(h, layers):
     from mlx_lm.models.base import create_attention_mask
 
     mask = create_attention_mask(h, None)
@@ -303,7 +296,7 @@ def _prefix_hidden(m, body, inputs, batch):
     """Output of the frozen blocks below the adapted ones [B, T, H], from the cache where it has the rows."""
     cache, keys = m.prefix, batch.keys
     if keys is None or any(k not in cache.rows for k in keys):
-        hidden = mx.stop_gradient(_blocks(body, body.embed_tokens(inputs), body.layers[:cache.first]))
+        hidden = mx.stop_gradient(_blocks(body.embed_tokens(inputs), body.layers[:cache.first]))
         mx.eval(hidden)
         if keys is not None and not cache.full:
             for row, key in enumerate(keys):
@@ -325,7 +318,7 @@ def _hidden(m, inputs, batch):
     if m.prefix is None:
         return body(inputs)
     start = _prefix_hidden(m, body, inputs, batch)
-    return body.norm(_blocks(body, start, body.layers[m.prefix.first:]))
+    return body.norm(_blocks(start, body.layers[m.prefix.first:]))
 
 
 def _token_losses(m, batch):
@@ -435,8 +428,8 @@ def fuse(m, save_dir, dequantize=True):
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     save_model(save_dir, m.model, donate_model=False)
-    config = json.loads((m.model_dir / "config.json").read_text(encoding="utf-8"))
-    config.update(_mlx_config(m.model_dir))
+    config = models.read_config(m.model_dir)
+    config.update(_mlx_overrides(config))
     config["torch_dtype"] = config["dtype"] = _dtype_name(m.dtype)
     config.pop("quantization", None)
     config.pop("quantization_config", None)
@@ -456,5 +449,4 @@ def peak_memory():
     peak = mx.get_peak_memory() if hasattr(mx, "get_peak_memory") else 0
     if peak:
         return int(peak)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+    return resident_peak()

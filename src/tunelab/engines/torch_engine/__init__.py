@@ -6,8 +6,8 @@ SmolLM2's 135M parameters) runs on the ~15-25% of positions that have a label, n
 
 import contextlib
 import inspect
-import resource
-import sys
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab import adapters
-from tunelab.engines.base import StepResult
+from tunelab.engines.base import StepResult, resident_peak
 from tunelab.errors import UserError
 
 name = "torch"
@@ -57,9 +57,6 @@ class PrefixCache:
         beyond = need - self.budget
         if beyond <= 0:
             return 0
-        import shutil
-        import tempfile
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if shutil.disk_usage(folder).free < beyond + DISK_HEADROOM:
@@ -441,6 +438,5 @@ def fuse(m, save_dir):
 def peak_memory():
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return int(torch.cuda.max_memory_allocated())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    return resident_peak()
 
