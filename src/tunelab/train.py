@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tunelab import adapters, engines, evaluate, models, runs
-from tunelab.data.batching import training_batches
+from tunelab.data.batching import eval_batches, training_batches
 from tunelab.data.formats import quarantine, read_rows, scan_rows
 from tunelab.data.templates import encode_rows, set_chat_template
 from tunelab.errors import UserError
@@ -85,6 +85,9 @@ def _progress_text(step, loss, val_loss, tokens_per_s, peak):
     return ", ".join(parts)
 
 
+FILL_ROWS = 8   # rows a batch when the frozen-prefix cache is filled ahead of training
+
+
 def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print):
     """Train for opts.iters steps; report, validate and save on the configured cadence."""
     optimizer = engine.make_optimizer(model, opts.learning_rate)
@@ -103,6 +106,13 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print):
 
     val_loss = validate(0)
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    rows_seen = opts.iters * opts.batch_size * opts.grad_accumulation_steps
+    if getattr(model, "prefix", None) is not None and rows_seen >= len(train_set):
+        # Every row comes back: run the frozen blocks over all of them first, FILL_ROWS rows a batch
+        # (this time counts in the first report's speed).
+        groups = list(eval_batches(train_set, FILL_ROWS))
+        engine.fill_prefix(model, tqdm(groups, desc="Frozen blocks, once per row", unit="batch", leave=False,
+                                       dynamic_ncols=True, disable=None))
     last_loss, tokens_per_s = None, 0.0
     bar = tqdm(total=opts.iters, desc="Training", unit="it", dynamic_ncols=True, disable=None,
                bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining} {postfix}")

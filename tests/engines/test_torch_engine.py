@@ -2,6 +2,7 @@
 transformers', the frozen-prefix cache on disk. The shared contract is in test_engine_contract.py."""
 
 import numpy as np
+import pytest
 import torch
 
 from tunelab import adapters
@@ -124,3 +125,65 @@ def test_prefix_cache_spills_to_disk_past_its_memory_budget(tiny_model, tmp_path
     engine.eval_loss(model, batch)
     assert len(model.prefix.rows) == 1 and model.prefix.full
     np.testing.assert_allclose(engine.eval_loss(model, batch)[0], expected, rtol=1e-6)
+
+
+def losses_and_gradients(folder, lean, dtype="float32", num_layers=2, dora=False, mask_prompt=True):
+    """Per-token losses and every trained tensor's gradient for one batch of rows of three lengths."""
+    model = engine.load(folder, device="cpu", dtype=dtype, log=lambda *_: None)
+    assert model.lean
+    model.lean = lean
+    spec = adapters.spec_for(num_layers, 2, 4, 2.0, 0.0, dora=dora)
+    engine.attach_lora(model, spec, seed=0)
+    gen = np.random.default_rng(0)
+    engine.set_adapter(model, spec, {m: (w[0], gen.standard_normal(w[1].shape).astype(np.float32) * 0.2) + w[2:]
+                                     for m, w in engine.adapter_tensors(model).items()})
+    losses, rows = engine._token_losses(model, batch_for(model, mask_prompt))
+    losses.sum().backward()
+    grads = {n: p.grad.float().numpy() for n, p in model.model.named_parameters() if p.requires_grad}
+    return losses.detach().float().numpy(), rows.numpy(), grads
+
+
+@pytest.mark.parametrize("num_layers,dora,mask_prompt", [(1, False, True), (2, False, True), (2, False, False),
+                                                         (2, True, True)])
+def test_lean_blocks_give_transformers_losses_and_gradients(tiny_model, num_layers, dora, mask_prompt):
+    """blocks.py (top block at supervised positions only, head loss as one function) against the plain
+    forward of transformers: one adapted block (frozen-prefix cache) or both, LoRA and DoRA, padded rows."""
+    lean = losses_and_gradients(tiny_model, True, num_layers=num_layers, dora=dora, mask_prompt=mask_prompt)
+    plain = losses_and_gradients(tiny_model, False, num_layers=num_layers, dora=dora, mask_prompt=mask_prompt)
+    np.testing.assert_allclose(lean[0], plain[0], rtol=1e-5)
+    np.testing.assert_array_equal(lean[1], plain[1])
+    assert lean[2].keys() == plain[2].keys() and len(plain[2]) >= 2 * 7 * num_layers
+    for name, grad in plain[2].items():
+        assert np.abs(grad).max() > 0, name
+        np.testing.assert_allclose(lean[2][name], grad, rtol=1e-4, atol=1e-5 * np.abs(grad).max(), err_msg=name)
+
+
+def test_lean_blocks_in_bfloat16_stay_near_the_plain_forward(tiny_model):
+    """On a CPU in bfloat16 attention is computed by products and a float32 softmax, not the fused kernel."""
+    lean = losses_and_gradients(tiny_model, True, dtype="bfloat16")
+    plain = losses_and_gradients(tiny_model, False, dtype="bfloat16")
+    exact = losses_and_gradients(tiny_model, False)
+    assert np.abs(lean[0] - exact[0]).mean() <= 2 * np.abs(plain[0] - exact[0]).mean() + 1e-3
+
+
+def test_grouped_attention_equals_the_fused_kernel():
+    from tunelab.engines.torch_engine import blocks
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=gen) for shape in ((2, 6, 5, 8), (2, 2, 7, 8), (2, 2, 7, 8)))
+    real = torch.tensor([[1] * 7, [1] * 4 + [0] * 3]).bool()
+    allowed = (torch.arange(7)[None, :] <= torch.tensor([0, 2, 3, 5, 6])[:, None])[None] & real[:, None, :]
+    grouped = blocks._attend(q, k, v, allowed, 0.3, on_cpu=True)
+    fused = blocks._attend(q, k, v, allowed, 0.3, on_cpu=False)
+    torch.testing.assert_close(grouped, fused, rtol=1e-5, atol=1e-6)
+    # query head h reads key/value head h // 3: swapping the key/value heads must change its output
+    assert not torch.allclose(blocks._attend(q, k.flip(1), v.flip(1), allowed, 0.3, True), fused)
+
+
+def test_models_outside_the_llama_family_or_with_attention_dropout_use_the_plain_forward(tiny_model):
+    from tunelab.engines.torch_engine import blocks
+
+    model = load(tiny_model)
+    assert blocks.supported(model.model)
+    model.model.config.attention_dropout = 0.1
+    assert not blocks.supported(model.model)

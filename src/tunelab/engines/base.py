@@ -10,6 +10,9 @@ An engine is a module with these functions (`Model` is the engine's own handle):
   set_adapter(model, spec, tensors)                   adapters from numpy tensors (adapters.load)
   adapter_tensors(model) -> {module: (A, B)}          numpy copies, for adapters.save
   savings(model, rows, tokens) -> [str]               what the training step saves, and its memory cost
+  fill_prefix(model, batches)                         when model.prefix (the frozen-prefix cache) is not
+                                                      None: compute the cached rows of these batches now,
+                                                      many rows at a time, until the cache is full
   make_optimizer(model, learning_rate) -> Optimizer
   train_step(model, optimizer, batches) -> StepResult one Adam step on a batching.Batch, or on a list of
                                                       micro-batches (gradient accumulation): the loss is the

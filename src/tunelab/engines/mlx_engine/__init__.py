@@ -311,6 +311,14 @@ def _prefix_hidden(m, body, inputs, batch):
     return mx.stack([mx.pad(cache.rows[k], [(0, width - cache.rows[k].shape[0]), (0, 0)]) for k in keys])
 
 
+def fill_prefix(m, batches):
+    """Put each row's frozen-prefix output into the cache, several rows a product; stops when it is full."""
+    for batch in batches:
+        if m.prefix.full:
+            break
+        _prefix_hidden(m, m.model.model, mx.array(batch.tokens[:, :-1]), batch)
+
+
 def _hidden(m, inputs, batch):
     """The body's final hidden states [B, T, H]. Right padding: every real position attends only to
     earlier real ones under the causal mask, so padding changes nothing that is scored."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from tunelab import adapters
 from tunelab.engines.base import StepResult, resident_peak
+from tunelab.engines.torch_engine import blocks
 from tunelab.errors import UserError
 
 name = "torch"
@@ -30,6 +31,7 @@ class Model:
     dtype: torch.dtype
     spec: object = None          # adapters.AdapterSpec when adapters are attached
     prefix: "PrefixCache" = None  # outputs of the frozen blocks below the lowest adapted one, per row
+    lean: bool = False           # blocks.py computes the loss (a llama-family model); else transformers' forward
 
 
 PREFIX_CACHE_BUDGET = 2 * 1024**3   # bytes of cached activations kept in memory
@@ -150,7 +152,7 @@ def load(model_dir, device="auto", dtype="auto", log=print, training=False):
         raise UserError(f"{model_dir}: transformers could not load this model: {e}") from None
     model.to(dev)
     model.eval()
-    return Model(model, tokenizer, dev, dt)
+    return Model(model, tokenizer, dev, dt, lean=blocks.supported(model))
 
 
 def _lora_config(spec):
@@ -276,8 +278,12 @@ def _prefix_hidden(m, body, batch, tokens, attention):
     """Output of the frozen blocks below the adapted ones [B, T, H], from the cache where it has the rows."""
     cache, keys = m.prefix, batch.keys
     if keys is None or any(k not in cache for k in keys):
-        with torch.no_grad(), _only_blocks(body, slice(0, cache.first), final_norm=False):
-            hidden = body(input_ids=tokens, attention_mask=attention).last_hidden_state
+        with torch.no_grad():
+            if m.lean:
+                hidden = blocks.run_blocks(body, slice(0, cache.first), body.embed_tokens(tokens))
+            else:
+                with _only_blocks(body, slice(0, cache.first), final_norm=False):
+                    hidden = body(input_ids=tokens, attention_mask=attention).last_hidden_state
         if keys is not None and not cache.full:
             for row, key in enumerate(keys):
                 if key not in cache and not cache.put(key, hidden[row, :int(batch.lengths[row]) - 1]):
@@ -290,6 +296,18 @@ def _prefix_hidden(m, body, batch, tokens, attention):
     return hidden
 
 
+@torch.no_grad()
+def fill_prefix(m, batches):
+    """Put each row's frozen-prefix output into the cache, several rows a product (faster than the
+    one-row batches of training); stops when the cache is full."""
+    body, _ = _causal_lm(m)
+    for batch in batches:
+        if m.prefix.full:
+            break
+        tokens = torch.from_numpy(batch.tokens[:, :-1]).to(m.device)
+        _prefix_hidden(m, body, batch, tokens, torch.from_numpy(batch.attention_mask[:, :-1]).to(m.device))
+
+
 def _token_losses(m, batch):
     """Cross-entropy of each supervised target [N] and its row [N]; logits only where there is a label."""
     tokens = torch.from_numpy(batch.tokens).to(m.device)
@@ -297,14 +315,21 @@ def _token_losses(m, batch):
     targeted = torch.from_numpy(batch.supervised[:, 1:]).to(m.device)   # [B, T-1]
     body, head = _causal_lm(m)
     inputs, mask = tokens[:, :-1], attention[:, :-1]
-    if m.prefix is not None:
-        start = _prefix_hidden(m, body, batch, inputs, mask)
-        with _only_blocks(body, slice(m.prefix.first, None)):
-            hidden = body(inputs_embeds=start, attention_mask=mask).last_hidden_state
+    first = 0 if m.prefix is None else m.prefix.first
+    start = _prefix_hidden(m, body, batch, inputs, mask) if m.prefix is not None else None
+    if m.lean:
+        start = body.embed_tokens(inputs) if start is None else start
+        hidden = blocks.supervised_hidden(body, first, start, targeted)
+    elif start is not None:
+        with _only_blocks(body, slice(first, None)):
+            hidden = body(inputs_embeds=start, attention_mask=mask).last_hidden_state[targeted]
     else:
-        hidden = body(input_ids=inputs, attention_mask=mask).last_hidden_state
-    logits = head(hidden[targeted]).float()                              # [N, V]
-    losses = F.cross_entropy(logits, tokens[:, 1:][targeted], reduction="none")
+        hidden = body(input_ids=inputs, attention_mask=mask).last_hidden_state[targeted]
+    targets = tokens[:, 1:][targeted]
+    if m.lean:
+        losses = blocks.supervised_losses(head, hidden, targets)
+    else:
+        losses = F.cross_entropy(head(hidden).float(), targets, reduction="none")
     return losses, targeted.nonzero()[:, 0]
 
 

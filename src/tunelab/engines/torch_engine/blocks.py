@@ -1,0 +1,159 @@
+"""The loss of Llama-family models (llama, qwen2), computed with only the work it needs.
+
+The plain computation runs every block at every position and the output projection at every
+position. The loss reads the last hidden state only at the supervised positions, so:
+
+- the top block computes keys and values at every position (the supervised queries attend to
+  them) but its queries, attention output, output projection and MLP only at supervised positions;
+- the final norm, the output projection and the cross-entropy run at supervised positions, in one
+  autograd function that keeps the logits as [vocabulary, positions]: at a few dozen positions
+  that layout makes both products of the output layer 20-30% faster on CPUs than [positions,
+  vocabulary], and the log-softmax over it costs the same;
+- on a CPU, attention is two batched products and a float32 softmax, keys and values shared by
+  their query heads without copies: PyTorch's fused CPU attention kernel takes 2x as long forward
+  and backward in bfloat16, and 1-1.3x in float32 (GPUs keep the fused kernel).
+
+Each is the same arithmetic as the plain computation at the positions that matter (tests compare
+losses and gradients with transformers' own forward). The blocks' own modules are called, so
+LoRA/DoRA layers that PEFT put into them apply as usual.
+"""
+
+import torch
+import torch.nn.functional as F
+
+FAMILIES = ("llama", "qwen2")
+
+
+def supported(lm):
+    """Whether `lm` (a transformers causal LM) is a model these functions compute exactly."""
+    config = lm.config
+    body = getattr(lm, "model", None)
+    if config.model_type not in FAMILIES or body is None or not hasattr(body, "rotary_emb"):
+        return False
+    if getattr(config, "attention_dropout", 0.0) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return False
+    head = getattr(lm, "lm_head", None)
+    if head is None or head.bias is not None:
+        return False
+    parts = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+    return all(all(hasattr(layer, p) for p in parts) and all(hasattr(layer.self_attn, p) for p in projections)
+               and not hasattr(layer.self_attn, "q_norm") for layer in body.layers)
+
+
+def run_blocks(body, blocks, hidden):
+    """Output [B, T, H] of body.layers[blocks] (a slice) for their input [B, T, H], rows right-padded."""
+    context = _positions(body, hidden)
+    for layer in list(body.layers)[blocks]:
+        hidden = _block(layer, hidden, *context)
+    return hidden
+
+
+def supervised_hidden(body, first, hidden, targeted):
+    """Final-norm hidden states [N, H] at the targeted positions (row-major order, as `x[targeted]`).
+
+    hidden: the input of block `first` [B, T, H], rows right-padded; targeted: [B, T] bool, the
+    positions whose next token is supervised."""
+    if not targeted.any():
+        return body.norm(hidden[targeted])
+    top = len(body.layers) - 1
+    hidden = run_blocks(body, slice(first, top), hidden)
+    cos, sin, _, on_cpu = _positions(body, hidden)
+    return body.norm(_top_block(body.layers[top], hidden, cos, sin, targeted, on_cpu))
+
+
+def _positions(body, hidden):
+    """Rotary cos/sin [1, T, d], the causal mask [1, T (queries), T (keys)], and whether on a CPU.
+    Causal attention alone keeps padding out of every real position (padding comes after it)."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    cos, sin = body.rotary_emb(hidden, positions[None])
+    return cos, sin, (positions[None, :] <= positions[:, None])[None], hidden.device.type == "cpu"
+
+
+def _block(layer, hidden, cos, sin, allowed, on_cpu):
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    q, k, v = (_heads(proj(x), attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    out = _attend(q, k, v, allowed, attn.scaling, on_cpu)           # [B, nh, T, d]
+    hidden = hidden + attn.o_proj(out.transpose(1, 2).flatten(2))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def _top_block(layer, hidden, cos, sin, targeted, on_cpu):
+    """The last block at the targeted positions only: [N, H]."""
+    attn = layer.self_attn
+    rows, cols = targeted.nonzero(as_tuple=True)
+    slot = (targeted.cumsum(1) - 1)[rows, cols]          # each query's place among its row's queries
+    width = int(targeted.sum(1).max()) if len(rows) else 0
+    x = layer.input_layernorm(hidden)
+    k, v = (_heads(proj(x), attn.head_dim) for proj in (attn.k_proj, attn.v_proj))
+    k = _rotate(k, cos, sin)
+    q = attn.q_proj(x[rows, cols]).unflatten(-1, (-1, attn.head_dim))           # [N, nh, d]
+    q = q * cos[0, cols, None] + _rotate_half(q) * sin[0, cols, None]
+    grid = q.new_zeros((hidden.shape[0], width) + q.shape[1:]).index_put((rows, slot), q)   # [B, S, nh, d]
+    where = torch.zeros(grid.shape[:2], dtype=torch.long, device=q.device).index_put((rows, slot), cols)
+    keys = torch.arange(hidden.shape[1], device=q.device)
+    allowed = keys[None, None, :] <= where[:, :, None]      # [B, S, T]
+    out = _attend(grid.transpose(1, 2), k, v, allowed, attn.scaling, on_cpu)
+    out = out.transpose(1, 2)[rows, slot].flatten(1)                           # [N, nh * d]
+    picked = hidden[rows, cols] + attn.o_proj(out)
+    return picked + layer.mlp(layer.post_attention_layernorm(picked))
+
+
+def _heads(x, head_dim):
+    """[B, T, n * d] -> [B, n, T, d]"""
+    return x.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotate(x, cos, sin):
+    """Rotary position embedding of [B, n, T, d] with cos/sin [B or 1, T, d]."""
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+def _attend(q, k, v, allowed, scale, on_cpu):
+    """Attention of q [B, nh, S, d] over k, v [B, nkv, T, d] where allowed [B or 1, S, T]: [B, nh, S, d]."""
+    batch, heads, size, dim = q.shape
+    groups = heads // k.shape[1]
+    if not on_cpu:     # the fused kernel
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scale)
+    # query heads of one key/value head side by side: [B, nkv, groups * S, d], no copies of k or v
+    q = q.reshape(batch, k.shape[1], groups * size, dim)
+    scores = (q @ k.transpose(-1, -2)).float().mul_(scale).unflatten(2, (groups, size))
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    weights = scores.softmax(-1).to(v.dtype).flatten(2, 3)
+    return (weights @ v).reshape(batch, heads, size, dim)
+
+
+class SupervisedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy [N] of logits `hidden @ weight.T` against `targets`, for a frozen weight [V, H].
+
+    Logits are float32 whatever the weight's dtype (as `.float()` on the plain logits)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        log_probs = F.log_softmax((weight @ hidden.t()).float(), 0)        # [V, N]
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(log_probs, weight, targets)
+        return -log_probs.gather(0, targets[None])[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        log_probs, weight, targets = ctx.saved_tensors
+        probs = log_probs.exp().mul_(grad)
+        probs.scatter_add_(0, targets[None], -grad[None])
+        return (weight.t() @ probs.to(weight.dtype)).t(), None, None
+
+
+def supervised_losses(head, hidden, targets):
+    """Cross-entropy of each supervised target [N] from final hidden states [N, H]."""
+    if head.weight.requires_grad:
+        return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+    return SupervisedCrossEntropy.apply(hidden, head.weight, targets)
