@@ -6,7 +6,7 @@ import pytest
 
 from tests.engines.engine_params import NAMES, engine_module
 from tunelab import adapters
-from tunelab.data.batching import collate, training_batches
+from tunelab.data.batching import collate, eval_batches, training_batches
 from tunelab.data.templates import encode_row
 from tunelab.errors import UserError
 
@@ -303,3 +303,24 @@ def test_prefix_cache_stops_at_its_budget_and_is_off_with_every_block_adapted(en
     every = load(engine, tiny_model)
     engine.attach_lora(every, adapters.spec_for(-1, 2, 4, 20.0, 0.0))
     assert every.prefix is None
+
+
+def test_filling_the_prefix_cache_ahead_caches_what_training_would(engine, tiny_model):
+    """fill_prefix over several-row batches stores, under the keys training uses, the rows that one-row
+    training steps would store."""
+    filled, stepped = load(engine, tiny_model), load(engine, tiny_model)
+    examples = [encode_row(filled.tokenizer, r, "chat", True) for r in ROWS]
+    for model in (filled, stepped):
+        engine.attach_lora(model, adapters.spec_for(1, 2, 4, 20.0, 0.0))
+    engine.fill_prefix(filled, eval_batches(examples, 2))
+    optimizer = engine.make_optimizer(stepped, 1e-3)
+    batches = training_batches(examples, 1, seed=0)
+    for _ in range(3):
+        engine.train_step(stepped, optimizer, next(batches))
+    assert len(stepped.prefix.rows) == 3 and filled.prefix.rows.keys() == stepped.prefix.rows.keys()
+    for key, row in stepped.prefix.rows.items():
+        np.testing.assert_allclose(np.asarray(filled.prefix.rows[key]), np.asarray(row), rtol=1e-5, atol=1e-6)
+    filled.prefix.budget = filled.prefix.used = 0
+    filled.prefix.rows, filled.prefix.full = {}, True
+    engine.fill_prefix(filled, eval_batches(examples, 2))     # a full cache takes nothing more
+    assert filled.prefix.rows == {}
