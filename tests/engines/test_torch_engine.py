@@ -4,6 +4,7 @@ transformers', the frozen-prefix cache on disk. The shared contract is in test_e
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tunelab import adapters
 from tunelab.data.batching import collate
@@ -187,3 +188,25 @@ def test_models_outside_the_llama_family_or_with_attention_dropout_use_the_plain
     assert blocks.supported(model.model)
     model.model.config.attention_dropout = 0.1
     assert not blocks.supported(model.model)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_one_pass_output_layer_gives_cross_entropy_and_its_gradient(dtype, tolerance):
+    """Chunks of 7 rows of a 50-row output weight (a partial last chunk), logits far apart so the
+    running maximum grows between chunks, targets in every chunk."""
+    from tunelab.engines.torch_engine import blocks
+
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.randn(50, 16, generator=gen) * torch.linspace(0.1, 3, 50)[:, None]).to(dtype)
+    hidden = torch.randn(6, 16, generator=gen).to(dtype).requires_grad_()
+    targets = torch.tensor([0, 6, 7, 25, 48, 49])
+    upstream = torch.rand(6, generator=gen)
+    losses = blocks.SupervisedCrossEntropy.apply(hidden, weight, targets, 7)
+    (grad,) = torch.autograd.grad((losses * upstream).sum(), hidden)
+    reference = hidden.detach().float().requires_grad_()
+    plain = F.cross_entropy(reference @ weight.float().t(), targets, reduction="none")
+    (plain_grad,) = torch.autograd.grad((plain * upstream).sum(), reference)
+    torch.testing.assert_close(losses, plain.detach(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(grad.float(), plain_grad, rtol=tolerance, atol=tolerance * plain_grad.abs().max())
+    with torch.no_grad():
+        torch.testing.assert_close(blocks.SupervisedCrossEntropy.apply(hidden, weight, targets, 7), losses)
