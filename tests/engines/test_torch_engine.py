@@ -179,6 +179,12 @@ def test_grouped_attention_equals_the_fused_kernel():
     torch.testing.assert_close(grouped, fused, rtol=1e-5, atol=1e-6)
     # query head h reads key/value head h // 3: swapping the key/value heads must change its output
     assert not torch.allclose(blocks._attend(q, k.flip(1), v.flip(1), allowed, 0.3, True), fused)
+    # no mask given: causal, on both paths
+    q = torch.randn((2, 6, 7, 8), generator=gen)
+    causal = (torch.arange(7)[None, :] <= torch.arange(7)[:, None])[None]
+    for on_cpu in (True, False):
+        torch.testing.assert_close(blocks._attend(q, k, v, None, 0.3, on_cpu),
+                                   blocks._attend(q, k, v, causal, 0.3, False), rtol=1e-5, atol=1e-6)
 
 
 def test_models_outside_the_llama_family_or_with_attention_dropout_use_the_plain_forward(tiny_model):
