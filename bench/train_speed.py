@@ -304,8 +304,9 @@ def main(argv=None):
           f"{statistics.mean(supervised):.1f} supervised")
     print(f"model FLOPs a step {flops / 1e9:.1f} G; measured matrix-product peak {peak / 1e12:.2f} TFLOP/s "
           f"({args.dtype}, 2048^3)")
+    marks = (10, args.iters // 20 * 10, args.iters)      # losses are logged every 10 steps
     print(f"{'tool':10}{'s/it':>8}{'tokens/s':>10}{'superv. tok/s':>15}{memory:>12}{'of peak':>9}  loss at steps "
-          + " ".join(str(s) for s in (10, args.iters // 2, args.iters)))
+          + " ".join(str(s) for s in marks))
     for tool, runs in results.items():
         if not runs:
             continue
@@ -313,7 +314,7 @@ def main(argv=None):
         tokens = BATCH * runs[0]["tokens_per_row"] if runs[0].get("tokens_per_row") else per_step[0]
         sup = BATCH * runs[0]["supervised_per_row"] if runs[0].get("supervised_per_row") else per_step[1]
         losses = runs[0]["losses"]
-        shown = " ".join(f"{losses.get(str(s), losses.get(s, float('nan'))):.3f}" for s in (10, args.iters // 2, args.iters))
+        shown = " ".join(f"{losses.get(str(s), losses.get(s, float('nan'))):.3f}" for s in marks)
         used = max(r.get("peak_gpu_gb", r["peak_rss_gb"]) for r in runs)
         print(f"{tool:10}{seconds:8.3f}{tokens / seconds:10.0f}{sup / seconds:15.1f}{used:10.2f} GB"
               f"{flops / seconds / peak:9.1%}  {shown}")

@@ -216,3 +216,14 @@ def test_one_pass_output_layer_gives_cross_entropy_and_its_gradient(dtype, toler
     torch.testing.assert_close(grad.float(), plain_grad, rtol=tolerance, atol=tolerance * plain_grad.abs().max())
     with torch.no_grad():
         torch.testing.assert_close(blocks.SupervisedCrossEntropy.apply(hidden, weight, targets, 7), losses)
+
+
+def test_only_plain_lora_layers_take_the_fused_function(tiny_model):
+    from tunelab.engines.torch_engine import blocks
+
+    for dora, dropout, fused in ((False, 0.0, True), (True, 0.0, False), (False, 0.1, False)):
+        model = load(tiny_model)
+        engine.attach_lora(model, adapters.spec_for(1, 2, 4, 2.0, dropout, dora=dora))
+        layer = engine._lora_modules(model)["model.layers.1.self_attn.q_proj"]
+        assert (blocks._plain_lora(layer) is not None) == fused
+        assert blocks._plain_lora(layer.base_layer) is None

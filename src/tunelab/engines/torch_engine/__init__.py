@@ -1,7 +1,8 @@
 """The PyTorch engine: transformers models, PEFT LoRA layers; CPU, CUDA and MPS.
 
 The loss is computed exactly, on supervised positions only: the output projection (28M of
-SmolLM2's 135M parameters) runs on the ~15-25% of positions that have a label, not on all.
+SmolLM2's 135M parameters) runs on the ~15-25% of positions that have a label, not on all. For
+Llama-family models blocks.py goes further (the top block at those positions too).
 """
 
 import contextlib
@@ -195,6 +196,10 @@ def savings(m, rows, tokens):
     from tunelab import models
 
     lines = ["output projection and loss only at supervised positions; no backward below the lowest adapted block"]
+    if m.lean:
+        lines[0] = ("output projection and loss only at supervised positions, forward and backward in one pass over "
+                    "the output weight; the top block's queries and MLP only there; no backward below the lowest "
+                    "adapted block")
     if m.prefix is not None:
         need = tokens * _base_lm(m).config.hidden_size * torch.empty((), dtype=m.dtype).element_size()
         on_disk = m.prefix.plan(need, models.cache_dir() / "prefix-cache")

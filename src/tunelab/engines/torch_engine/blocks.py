@@ -15,8 +15,9 @@ position. The loss reads the last hidden state only at the supervised positions,
   and backward in bfloat16, and 1-1.3x in float32 (GPUs keep the fused kernel).
 
 Each is the same arithmetic as the plain computation at the positions that matter (tests compare
-losses and gradients with transformers' own forward). The blocks' own modules are called, so
-LoRA/DoRA layers that PEFT put into them apply as usual.
+losses and gradients with transformers' and PEFT's own forward). A plain LoRA layer (no dropout,
+no DoRA) runs as one autograd function, `LoraLinear`; other layers PEFT put in are called as
+they are.
 """
 
 import torch
@@ -37,10 +38,10 @@ def supported(lm):
     head = getattr(lm, "lm_head", None)
     if head is None or head.bias is not None:
         return False
-    parts = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
-    projections = ("q_proj", "k_proj", "v_proj", "o_proj")
-    return all(all(hasattr(layer, p) for p in parts) and all(hasattr(layer.self_attn, p) for p in projections)
-               and not hasattr(layer.self_attn, "q_norm") for layer in body.layers)
+    needs = {"": ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn"),
+             "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj", "act_fn")}
+    return all(all(hasattr(getattr(layer, part) if part else layer, name) for name in names)
+               and not hasattr(layer.self_attn, "q_norm") for layer in body.layers for part, names in needs.items())
 
 
 def run_blocks(body, blocks, hidden):
@@ -76,11 +77,11 @@ def _block(layer, hidden, cos, sin, on_cpu):
     (padding comes after it)."""
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
-    q, k, v = (_heads(proj(x), attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k, v = (_heads(_project(proj, x), attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     out = _attend(q, k, v, None, attn.scaling, on_cpu)           # [B, nh, T, d]
-    hidden = hidden + attn.o_proj(out.transpose(1, 2).flatten(2))
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    hidden = hidden + _project(attn.o_proj, out.transpose(1, 2).flatten(2))
+    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
 
 
 def _top_block(layer, hidden, cos, sin, targeted, on_cpu):
@@ -90,9 +91,9 @@ def _top_block(layer, hidden, cos, sin, targeted, on_cpu):
     slot = (targeted.cumsum(1) - 1)[rows, cols]          # each query's place among its row's queries
     width = int(targeted.sum(1).max()) if len(rows) else 0
     x = layer.input_layernorm(hidden)
-    k, v = (_heads(proj(x), attn.head_dim) for proj in (attn.k_proj, attn.v_proj))
+    k, v = (_heads(_project(proj, x), attn.head_dim) for proj in (attn.k_proj, attn.v_proj))
     k = _rotate(k, cos, sin)
-    q = attn.q_proj(x[rows, cols]).unflatten(-1, (-1, attn.head_dim))           # [N, nh, d]
+    q = _project(attn.q_proj, x[rows, cols]).unflatten(-1, (-1, attn.head_dim))  # [N, nh, d]
     q = q * cos[0, cols, None] + _rotate_half(q) * sin[0, cols, None]
     grid = q.new_zeros((hidden.shape[0], width) + q.shape[1:]).index_put((rows, slot), q)   # [B, S, nh, d]
     where = torch.zeros(grid.shape[:2], dtype=torch.long, device=q.device).index_put((rows, slot), cols)
@@ -100,8 +101,60 @@ def _top_block(layer, hidden, cos, sin, targeted, on_cpu):
     allowed = keys[None, None, :] <= where[:, :, None]      # [B, S, T]
     out = _attend(grid.transpose(1, 2), k, v, allowed, attn.scaling, on_cpu)
     out = out.transpose(1, 2)[rows, slot].flatten(1)                           # [N, nh * d]
-    picked = hidden[rows, cols] + attn.o_proj(out)
-    return picked + layer.mlp(layer.post_attention_layernorm(picked))
+    picked = hidden[rows, cols] + _project(attn.o_proj, out)
+    return picked + _mlp(layer.mlp, layer.post_attention_layernorm(picked))
+
+
+def _mlp(mlp, x):
+    """The gated MLP of llama and qwen2 (down(act(gate(x)) * up(x)))."""
+    return _project(mlp.down_proj, mlp.act_fn(_project(mlp.gate_proj, x)) * _project(mlp.up_proj, x))
+
+
+def _project(module, x):
+    """module(x) for an nn.Linear or a PEFT LoRA layer; plain LoRA (no dropout, no DoRA) as one
+    autograd function."""
+    lora = _plain_lora(module)
+    if lora is None:
+        return module(x)
+    return LoraLinear.apply(x, *lora)
+
+
+def _plain_lora(module):
+    """(base weight, base bias, A, B, scale) of a PEFT LoRA layer with one active plain adapter, else None."""
+    lora_a = getattr(module, "lora_A", None)
+    if (lora_a is None or list(getattr(module, "active_adapters", ())) != ["default"] or "default" not in lora_a
+            or module.merged or module.disable_adapters or "default" in getattr(module, "lora_variant", {})
+            or not isinstance(module.lora_dropout["default"], torch.nn.Identity)
+            or type(module.base_layer) is not torch.nn.Linear):
+        return None
+    base = module.base_layer
+    return base.weight, base.bias, lora_a["default"].weight, module.lora_B["default"].weight, module.scaling["default"]
+
+
+class LoraLinear(torch.autograd.Function):
+    """x W^T + b + ((x A^T) B^T) * scale, frozen W and b, as PEFT computes it: the low-rank branch in
+    A's dtype (float32), added before rounding to the base output's dtype. Keeps x as it comes for
+    the backward pass (PEFT keeps a float32 copy of it for every adapted layer)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+        base = F.linear(x, weight, bias)
+        low = x.to(lora_a.dtype) @ lora_a.t()                                  # [..., r]
+        ctx.save_for_backward(x, weight, lora_a, lora_b, low)
+        ctx.scale = scale
+        return (base + (low @ lora_b.t()) * scale).to(base.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b, low = ctx.saved_tensors
+        scaled = grad.to(lora_b.dtype) * ctx.scale
+        grad_b = scaled.flatten(0, -2).t() @ low.flatten(0, -2)
+        through_b = scaled @ lora_b                                             # [..., r]
+        grad_a = through_b.flatten(0, -2).t() @ x.to(lora_a.dtype).flatten(0, -2)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight.to(grad.dtype) + (through_b @ lora_a).to(grad.dtype)
+        return grad_x, None, None, grad_a, grad_b, None
 
 
 def _heads(x, head_dim):
