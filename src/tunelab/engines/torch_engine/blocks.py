@@ -89,7 +89,7 @@ def _top_block(layer, hidden, cos, sin, targeted, on_cpu):
     attn = layer.self_attn
     rows, cols = targeted.nonzero(as_tuple=True)
     slot = (targeted.cumsum(1) - 1)[rows, cols]          # each query's place among its row's queries
-    width = int(targeted.sum(1).max()) if len(rows) else 0
+    width = int(targeted.sum(1).max())
     x = layer.input_layernorm(hidden)
     k, v = (_heads(_project(proj, x), attn.head_dim) for proj in (attn.k_proj, attn.v_proj))
     k = _rotate(k, cos, sin)
