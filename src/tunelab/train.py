@@ -107,7 +107,7 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print):
     val_loss = validate(0)
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     rows_seen = opts.iters * opts.batch_size * opts.grad_accumulation_steps
-    if getattr(model, "prefix", None) is not None and rows_seen >= len(train_set):
+    if model.prefix is not None and rows_seen >= len(train_set):
         # Every row comes back: run the frozen blocks over all of them first, FILL_ROWS rows a batch,
         # with a progress bar of its own (this time counts in the first report's speed).
         groups = list(eval_batches(train_set, FILL_ROWS))

@@ -25,14 +25,14 @@ def batch_for(model, mask_prompt=True):
     return collate([encode_row(model.tokenizer, r, "chat", mask_prompt) for r in ROWS])
 
 
-def with_adapter(folder, seed=0, randomize_b=True):
-    model = load(folder)
-    spec = adapters.spec_for(1, 2, 4, 2.0, 0.0)
+def with_adapter(folder, seed=0, randomize_b=True, dtype="float32", num_layers=1, dora=False):
+    model = engine.load(folder, device="cpu", dtype=dtype, log=lambda *_: None)
+    spec = adapters.spec_for(num_layers, 2, 4, 2.0, 0.0, dora=dora)
     engine.attach_lora(model, spec, seed=seed)
     if randomize_b:  # fresh adapters have B = 0; make them do something
         gen = np.random.default_rng(seed)
-        tensors = {m: (a, gen.standard_normal(b.shape).astype(np.float32) * 0.2)
-                   for m, (a, b) in engine.adapter_tensors(model).items()}
+        tensors = {m: (w[0], gen.standard_normal(w[1].shape).astype(np.float32) * 0.2) + w[2:]
+                   for m, w in engine.adapter_tensors(model).items()}
         engine.set_adapter(model, spec, tensors)
     return model, spec
 
@@ -130,14 +130,9 @@ def test_prefix_cache_spills_to_disk_past_its_memory_budget(tiny_model, tmp_path
 
 def losses_and_gradients(folder, lean, dtype="float32", num_layers=2, dora=False, mask_prompt=True):
     """Per-token losses and every trained tensor's gradient for one batch of rows of three lengths."""
-    model = engine.load(folder, device="cpu", dtype=dtype, log=lambda *_: None)
+    model, _ = with_adapter(folder, dtype=dtype, num_layers=num_layers, dora=dora)
     assert model.lean
     model.lean = lean
-    spec = adapters.spec_for(num_layers, 2, 4, 2.0, 0.0, dora=dora)
-    engine.attach_lora(model, spec, seed=0)
-    gen = np.random.default_rng(0)
-    engine.set_adapter(model, spec, {m: (w[0], gen.standard_normal(w[1].shape).astype(np.float32) * 0.2) + w[2:]
-                                     for m, w in engine.adapter_tensors(model).items()})
     losses, rows = engine._token_losses(model, batch_for(model, mask_prompt))
     losses.sum().backward()
     grads = {n: p.grad.float().numpy() for n, p in model.model.named_parameters() if p.requires_grad}

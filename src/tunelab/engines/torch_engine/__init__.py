@@ -195,11 +195,9 @@ def savings(m, rows, tokens):
     Also sets the frozen-prefix cache up for `tokens` tokens over `rows` rows."""
     from tunelab import models
 
-    lines = ["output projection and loss only at supervised positions; no backward below the lowest adapted block"]
-    if m.lean:
-        lines[0] = ("output projection and loss only at supervised positions, forward and backward in one pass over "
-                    "the output weight; the top block's queries and MLP only there; no backward below the lowest "
-                    "adapted block")
+    lean = (", forward and backward in one pass over the output weight; the top block's queries and MLP only there"
+            if m.lean else "")
+    lines = [f"output projection and loss only at supervised positions{lean}; no backward below the lowest adapted block"]
     if m.prefix is not None:
         need = tokens * _base_lm(m).config.hidden_size * torch.empty((), dtype=m.dtype).element_size()
         on_disk = m.prefix.plan(need, models.cache_dir() / "prefix-cache")
@@ -324,19 +322,17 @@ def _token_losses(m, batch):
     inputs, mask = tokens[:, :-1], attention[:, :-1]
     first = 0 if m.prefix is None else m.prefix.first
     start = _prefix_hidden(m, body, batch, inputs, mask) if m.prefix is not None else None
-    if m.lean:
-        start = body.embed_tokens(inputs) if start is None else start
-        hidden = blocks.supervised_hidden(body, first, start, targeted)
-    elif start is not None:
-        with _only_blocks(body, slice(first, None)):
-            hidden = body(inputs_embeds=start, attention_mask=mask).last_hidden_state[targeted]
-    else:
-        hidden = body(input_ids=inputs, attention_mask=mask).last_hidden_state[targeted]
     targets = tokens[:, 1:][targeted]
     if m.lean:
-        losses = blocks.supervised_losses(head, hidden, targets)
+        start = body.embed_tokens(inputs) if start is None else start
+        losses = blocks.supervised_losses(head, blocks.supervised_hidden(body, first, start, targeted), targets)
     else:
-        losses = F.cross_entropy(head(hidden).float(), targets, reduction="none")
+        if start is not None:
+            with _only_blocks(body, slice(first, None)):
+                hidden = body(inputs_embeds=start, attention_mask=mask).last_hidden_state
+        else:
+            hidden = body(input_ids=inputs, attention_mask=mask).last_hidden_state
+        losses = F.cross_entropy(head(hidden[targeted]).float(), targets, reduction="none")
     return losses, targeted.nonzero()[:, 0]
 
 
