@@ -142,18 +142,23 @@ class LoraLinear(torch.autograd.Function):
         low = x.to(lora_a.dtype) @ lora_a.t()                                  # [..., r]
         ctx.save_for_backward(x, weight, lora_a, lora_b, low)
         ctx.scale = scale
-        return (base + (low @ lora_b.t()) * scale).to(base.dtype)
+        # base + scale * (low @ B^T) in one product, into a float32 copy of the base output: no
+        # [..., out] temporaries besides that copy (fresh large buffers cost page faults on CPUs)
+        out = torch.addmm(base.flatten(0, -2).to(low.dtype), low.flatten(0, -2), lora_b.t(), alpha=scale)
+        return out.to(base.dtype).view(base.shape)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, lora_a, lora_b, low = ctx.saved_tensors
-        scaled = grad.to(lora_b.dtype) * ctx.scale
-        grad_b = scaled.flatten(0, -2).t() @ low.flatten(0, -2)
-        through_b = scaled @ lora_b                                             # [..., r]
-        grad_a = through_b.flatten(0, -2).t() @ x.to(lora_a.dtype).flatten(0, -2)
+        flat = grad.flatten(0, -2).to(lora_b.dtype)                              # [N, out]
+        # the rank-r products with the long side inner: (low^T g)^T, (B^T g^T)^T; the scale goes
+        # on their [out, r] and [N, r] results, not on the [N, out] gradient
+        grad_b = (low.flatten(0, -2).t() @ flat).t().mul_(ctx.scale)
+        through_b = (lora_b.t() @ flat.t()).t().mul(ctx.scale)                   # [N, r]
+        grad_a = through_b.t() @ x.flatten(0, -2).to(lora_a.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ weight.to(grad.dtype) + (through_b @ lora_a).to(grad.dtype)
+            grad_x = grad @ weight.to(grad.dtype) + (through_b @ lora_a).to(grad.dtype).view(*grad.shape[:-1], -1)
         return grad_x, None, None, grad_a, grad_b, None
 
 
@@ -188,7 +193,7 @@ def _attend(q, k, v, allowed, scale, on_cpu):
     # query heads of one key/value head side by side: [B, nkv, groups * S, d], no copies of k or v
     q = q.reshape(batch, k.shape[1], groups * size, dim)
     scores = (q @ k.transpose(-1, -2)).float().mul_(scale).unflatten(2, (groups, size))
-    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    scores = scores.masked_fill_(~allowed[:, None, None], float("-inf"))
     weights = scores.softmax(-1).to(v.dtype).flatten(2, 3)
     return (weights @ v).reshape(batch, heads, size, dim)
 
@@ -197,7 +202,7 @@ class SupervisedCrossEntropy(torch.autograd.Function):
     """Cross-entropy [N] of logits `hidden @ weight.T` against `targets`, for a frozen weight [V, H].
 
     One pass over the weight, `chunk` rows at a time, does the forward and the backward pass: each
-    chunk's logits [chunk, N] go into a running log-sum-exp (rescaled when the running maximum
+    chunk's logits [N, chunk] go into a running log-sum-exp (rescaled when the running maximum
     grows) and, while the chunk is still in cache, into the running sum of softmax-weighted rows
     that the gradient needs (d hidden = sum_v p_v W_v - W_target). The plain computation reads the
     weight twice and keeps the [N, V] probabilities for the backward pass; this keeps an [N, H]
@@ -206,28 +211,31 @@ class SupervisedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk):
         wanted = ctx.needs_input_grad[0]
-        size = hidden.shape[0]
-        top = torch.full((size,), float("-inf"), device=hidden.device)
-        total = torch.zeros(size, device=hidden.device)
-        picked = torch.zeros(size, device=hidden.device)
-        weighted = torch.zeros((hidden.shape[1], size), device=hidden.device) if wanted else None
-        columns = torch.arange(size, device=hidden.device)
+        device, size = hidden.device, hidden.shape[0]
+        top = torch.full((size, 1), float("-inf"), device=device)
+        total = torch.zeros((size, 1), device=device)
+        picked = torch.zeros(size, device=device)
+        weighted = torch.zeros((size, hidden.shape[1]), device=device) if wanted else None
+        rows_of = {}                                   # chunk -> rows whose target lies in it
+        for row, target in enumerate(targets.tolist()):
+            rows_of.setdefault(target // chunk, []).append(row)
         for start in range(0, weight.shape[0], chunk):
             part = weight[start:start + chunk]
-            logits = (part @ hidden.t()).float()                               # [chunk, N]
-            here = (targets >= start) & (targets < start + part.shape[0])
-            picked[here] = logits[targets[here] - start, columns[here]]
-            grown = torch.maximum(top, logits.amax(0))
+            logits = (hidden @ part.t()).float()                               # [N, chunk]
+            if start // chunk in rows_of:
+                rows = torch.tensor(rows_of[start // chunk], device=device)
+                picked[rows] = logits[rows, targets[rows] - start]
+            grown = torch.maximum(top, logits.amax(1, keepdim=True))
             rescale = torch.exp(top - grown)
-            probs = torch.exp(logits - grown)
-            total = total * rescale + probs.sum(0)
+            probs = logits.sub_(grown).exp_()
+            total.mul_(rescale).add_(probs.sum(1, keepdim=True))
             if wanted:
-                weighted = weighted * rescale + (part.t() @ probs.to(part.dtype)).float()
+                weighted.mul_(rescale).add_(probs.to(part.dtype) @ part)
             top = grown
         if wanted:
-            ctx.save_for_backward((weighted / total).t() - weight[targets].float())   # d loss_n / d hidden_n
+            ctx.save_for_backward(weighted / total - weight[targets].float())   # d loss_n / d hidden_n
             ctx.dtype = hidden.dtype
-        return top + torch.log(total) - picked
+        return (top + torch.log(total)).squeeze(1) - picked
 
     @staticmethod
     def backward(ctx, grad):
