@@ -222,3 +222,25 @@ def test_only_plain_lora_layers_take_the_fused_function(tiny_model):
         layer = engine._lora_modules(model)["model.layers.1.self_attn.q_proj"]
         assert (blocks._plain_lora(layer) is not None) == fused
         assert blocks._plain_lora(layer.base_layer) is None
+
+
+def test_frozen_products_equal_torch_linear():
+    """The frozen-weight product (oneDNN's on CPUs in float32) against F.linear: any weight strides,
+    a bias, batched rows; a frozen nn.Linear goes through it only where autograd needs nothing."""
+    import platform
+
+    from tunelab.engines.torch_engine import blocks
+
+    if platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available():
+        assert blocks._ONEDNN_LINEAR is not None
+    gen = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(2, 5, 12, generator=gen), torch.randn(7, 12, generator=gen), torch.randn(7, generator=gen)
+    torch.testing.assert_close(blocks._dense(x, weight, bias), F.linear(x, weight, bias), rtol=1e-6, atol=1e-6)
+    grad = torch.randn(5, 7, generator=gen)
+    torch.testing.assert_close(blocks._dense(grad, weight.t()), grad @ weight, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(blocks._dense(x.transpose(0, 1), weight), F.linear(x.transpose(0, 1), weight))
+    layer = torch.nn.Linear(12, 7).requires_grad_(False)
+    with torch.no_grad():
+        torch.testing.assert_close(blocks._project(layer, x), layer(x), rtol=1e-6, atol=1e-6)
+    tracked = blocks._project(layer, x.clone().requires_grad_())
+    assert tracked.grad_fn is not None
