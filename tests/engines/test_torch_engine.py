@@ -1,6 +1,8 @@
 """What is the torch engine's own: PEFT and transformers read its files, its generation matches
 transformers', the frozen-prefix cache on disk. The shared contract is in test_engine_contract.py."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -232,7 +234,7 @@ def test_frozen_products_equal_torch_linear():
     from tunelab.engines.torch_engine import blocks
 
     if platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available():
-        assert blocks._ONEDNN_LINEAR is not None
+        assert blocks._onednn_linear() is not None
     gen = torch.Generator().manual_seed(0)
     x, weight, bias = torch.randn(2, 5, 12, generator=gen), torch.randn(7, 12, generator=gen), torch.randn(7, generator=gen)
     torch.testing.assert_close(blocks._dense(x, weight, bias), F.linear(x, weight, bias), rtol=1e-6, atol=1e-6)
@@ -244,3 +246,13 @@ def test_frozen_products_equal_torch_linear():
         torch.testing.assert_close(blocks._project(layer, x), layer(x), rtol=1e-6, atol=1e-6)
     tracked = blocks._project(layer, x.clone().requires_grad_())
     assert tracked.grad_fn is not None
+
+
+def test_float32_training_on_a_cpu_caps_onednn_caches_unless_the_user_set_them(tiny_model, monkeypatch):
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        monkeypatch.delenv(name, raising=False)
+    engine.load(tiny_model, device="cpu", dtype="bfloat16", log=lambda *_: None)
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "300")
+    load(tiny_model)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64" and os.environ["LRU_CACHE_CAPACITY"] == "300"

@@ -146,6 +146,8 @@ def load(model_dir, device="auto", dtype="auto", log=print, training=False):
     dev, dev_reason = pick_device(device)
     dt, dt_reason = pick_dtype(dev, dtype, training)
     log(f"Device: {dev.type} ({dev_reason}); dtype: {str(dt).replace('torch.', '')} ({dt_reason})")
+    if dev.type == "cpu" and dt == torch.float32:
+        blocks.cap_onednn_caches()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dt, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
