@@ -50,9 +50,9 @@ def _onednn_linear():
 
 def cap_onednn_caches(entries=64):
     """Keep oneDNN's caches of compiled products (its primitive cache and PyTorch's cache around it)
-    to `entries` each, for float32 training on a CPU. Every row length makes new float32 products,
+    to `entries` each, for float32 work on a CPU. Every row length makes new float32 products,
     and with the default 1024 entries each the caches grew by ~0.3 GB over a W1 run (1000 steps,
-    100 rows) at no gain in speed; in bfloat16 the cap made steps 10-20% slower, so it stays off
+    100 rows) at no measurable gain in speed; in bfloat16 caps made steps 10-25% slower, so it stays off
     there. Takes effect only before oneDNN's first product in the process; a value the user set
     in the environment wins."""
     for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
