@@ -246,9 +246,11 @@ def test_frozen_products_equal_torch_linear():
         torch.testing.assert_close(blocks._project(layer, x), layer(x), rtol=1e-6, atol=1e-6)
     tracked = blocks._project(layer, x.clone().requires_grad_())
     assert tracked.grad_fn is not None
+    layer.bias.requires_grad_(True)                      # a trained bias on a frozen weight
+    assert blocks._project(layer, x).grad_fn is not None
 
 
-def test_float32_training_on_a_cpu_caps_onednn_caches_unless_the_user_set_them(tiny_model, monkeypatch):
+def test_float32_on_a_cpu_caps_onednn_caches_unless_the_user_set_them(tiny_model, monkeypatch):
     for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
         monkeypatch.delenv(name, raising=False)
     engine.load(tiny_model, device="cpu", dtype="bfloat16", log=lambda *_: None)

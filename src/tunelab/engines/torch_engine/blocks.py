@@ -156,7 +156,8 @@ def _project(module, x):
     lora = _plain_lora(module)
     if lora is not None:
         return LoraLinear.apply(x, *lora)
-    if type(module) is torch.nn.Linear and not (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)):
+    frozen = not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
+    if type(module) is torch.nn.Linear and frozen:
         return _dense(x, module.weight, module.bias)     # a frozen block (the prefix, evaluation)
     return module(x)
 
