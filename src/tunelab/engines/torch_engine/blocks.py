@@ -62,9 +62,8 @@ def cap_onednn_caches(entries=64):
 def _dense(x, weight, bias=None):
     """x W^T + b with no autograd record (frozen W and b, inside an autograd function or no_grad).
     Any strides: the backward pass passes W^T as a view."""
-    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and _onednn_linear() is not None:
-        return _onednn_linear()(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    op = _onednn_linear() if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 else None
+    return F.linear(x, weight, bias) if op is None else op(x, weight, bias, "none", [], "")
 
 
 def supported(lm):
@@ -156,8 +155,8 @@ def _project(module, x):
     lora = _plain_lora(module)
     if lora is not None:
         return LoraLinear.apply(x, *lora)
-    frozen = not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
-    if type(module) is torch.nn.Linear and frozen:
+    if type(module) is torch.nn.Linear and not (
+            torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))):
         return _dense(x, module.weight, module.bias)     # a frozen block (the prefix, evaluation)
     return module(x)
 
