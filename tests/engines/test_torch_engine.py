@@ -226,6 +226,32 @@ def test_only_plain_lora_layers_take_the_fused_function(tiny_model):
         assert blocks._plain_lora(layer.base_layer) is None
 
 
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_lora_layers_on_one_input_give_each_layers_peft_output_and_gradients(tiny_model, dtype, tolerance):
+    """q/k/v (and a layer alone) through one LoraLinear against PEFT's forward of each layer:
+    outputs, the input's gradient and every A and B gradient."""
+    from tunelab.engines.torch_engine import blocks
+
+    model, _ = with_adapter(tiny_model, dtype=dtype)
+    attn = model.model.base_model.model.model.layers[1].self_attn
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, attn.q_proj.in_features, generator=gen).to(getattr(torch, dtype))
+    for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,)):
+        params = [p for layer in group for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
+        results = []
+        for run in (lambda x: blocks._project_all(group, x), lambda x: [layer(x) for layer in group]):
+            tracked = x.clone().requires_grad_()
+            outputs = run(tracked)
+            upstream = [torch.randn(out.shape, generator=torch.Generator().manual_seed(i)).to(out.dtype)
+                        for i, out in enumerate(outputs)]
+            grads = torch.autograd.grad(sum((out.float() * up.float()).sum() for out, up in zip(outputs, upstream)),
+                                        [tracked] + params)
+            results.append([out.detach().float() for out in outputs] + [g.float() for g in grads])
+        assert len(results[0]) == len(results[1]) == 2 * len(group) + 1 + len(group)
+        for ours, theirs in zip(*results):
+            torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance * theirs.abs().max())
+
+
 def test_frozen_products_equal_torch_linear():
     """The frozen-weight product (oneDNN's on CPUs in float32) against F.linear: any weight strides,
     a bias, batched rows; a frozen nn.Linear goes through it only where autograd needs nothing."""

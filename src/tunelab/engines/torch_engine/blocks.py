@@ -116,7 +116,7 @@ def _block(layer, hidden, cos, sin, on_cpu):
     (padding comes after it)."""
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)
-    q, k, v = (_heads(_project(proj, x), attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k, v = (_heads(out, attn.head_dim) for out in _project_all((attn.q_proj, attn.k_proj, attn.v_proj), x))
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     out = _attend(q, k, v, None, attn.scaling, on_cpu)           # [B, nh, T, d]
     hidden = hidden + _project(attn.o_proj, out.transpose(1, 2).flatten(2))
@@ -130,7 +130,7 @@ def _top_block(layer, hidden, cos, sin, targeted, on_cpu):
     slot = (targeted.cumsum(1) - 1)[rows, cols]          # each query's place among its row's queries
     width = int(targeted.sum(1).max())
     x = layer.input_layernorm(hidden)
-    k, v = (_heads(_project(proj, x), attn.head_dim) for proj in (attn.k_proj, attn.v_proj))
+    k, v = (_heads(out, attn.head_dim) for out in _project_all((attn.k_proj, attn.v_proj), x))
     k = _rotate(k, cos, sin)
     q = _project(attn.q_proj, x[rows, cols]).unflatten(-1, (-1, attn.head_dim))  # [N, nh, d]
     q = q * cos[0, cols, None] + _rotate_half(q) * sin[0, cols, None]
@@ -146,7 +146,16 @@ def _top_block(layer, hidden, cos, sin, targeted, on_cpu):
 
 def _mlp(mlp, x):
     """The gated MLP of llama and qwen2 (down(act(gate(x)) * up(x)))."""
-    return _project(mlp.down_proj, mlp.act_fn(_project(mlp.gate_proj, x)) * _project(mlp.up_proj, x))
+    gate, up = _project_all((mlp.gate_proj, mlp.up_proj), x)
+    return _project(mlp.down_proj, mlp.act_fn(gate) * up)
+
+
+def _project_all(modules, x):
+    """[module(x) for each module]; plain LoRA layers (no dropout, no DoRA) as one autograd function."""
+    loras = [_plain_lora(module) for module in modules]
+    if all(lora is not None for lora in loras):
+        return LoraLinear.apply(x, *(value for lora in loras for value in lora))
+    return [_project(module, x) for module in modules]
 
 
 def _project(module, x):
@@ -154,7 +163,7 @@ def _project(module, x):
     autograd function."""
     lora = _plain_lora(module)
     if lora is not None:
-        return LoraLinear.apply(x, *lora)
+        return LoraLinear.apply(x, *lora)[0]
     if type(module) is torch.nn.Linear and not (
             torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))):
         return _dense(x, module.weight, module.bias)     # a frozen block (the prefix, evaluation)
@@ -174,34 +183,57 @@ def _plain_lora(module):
 
 
 class LoraLinear(torch.autograd.Function):
-    """x W^T + b + ((x A^T) B^T) * scale, frozen W and b, as PEFT computes it: the low-rank branch in
+    """Plain LoRA layers that read the same input x (one layer, or q/k/v, or gate/up): for each,
+    x W^T + b + ((x A^T) B^T) * scale, frozen W and b, as PEFT computes it: the low-rank branch in
     A's dtype (float32), added before rounding to the base output's dtype. Keeps x as it comes for
-    the backward pass (PEFT keeps a float32 copy of it for every adapted layer)."""
+    the backward pass (PEFT keeps a float32 copy of it for every adapted layer).
+
+    The layers' A matrices are stacked, so the products with the long side of x run once for
+    the group: x A^T forward, and the A gradients and the branch's input gradient backward.
+
+    apply(x, W, b, A, B, scale, W, b, A, B, scale, ...) -> one output a layer."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
-        base = _dense(x, weight, bias)
-        low = x.to(lora_a.dtype) @ lora_a.t()                                  # [..., r]
-        ctx.save_for_backward(x, weight, lora_a, lora_b, low)
-        ctx.scale = scale
-        # base + scale * (low @ B^T) in one product, into a float32 copy of the base output: no
-        # [..., out] temporaries besides that copy (fresh large buffers cost page faults on CPUs)
-        out = torch.addmm(base.flatten(0, -2).to(low.dtype), low.flatten(0, -2), lora_b.t(), alpha=scale)
-        return out.to(base.dtype).view(base.shape)
+    def forward(ctx, x, *layers):
+        layers = [layers[at:at + 5] for at in range(0, len(layers), 5)]
+        stacked = _stack([lora_a for _, _, lora_a, _, _ in layers])               # [R, in]
+        flat = x.flatten(0, -2)
+        low = flat.to(stacked.dtype) @ stacked.t()                                  # [N, R]
+        ctx.ranks = [lora_a.shape[0] for _, _, lora_a, _, _ in layers]
+        outputs = []
+        for (weight, bias, _, lora_b, scale), part in zip(layers, low.split(ctx.ranks, 1)):
+            base = _dense(flat, weight, bias)
+            # base + scale * (low @ B^T) in one product, into a float32 copy of the base output: no
+            # [N, out] temporaries besides that copy (fresh large buffers cost page faults on CPUs)
+            out = torch.addmm(base.to(low.dtype), part, lora_b.t(), alpha=scale)
+            outputs.append(out.to(base.dtype).view(*x.shape[:-1], -1))
+        ctx.save_for_backward(x, low, stacked, *(t for weight, _, _, lora_b, _ in layers for t in (weight, lora_b)))
+        ctx.scales = [scale for *_, scale in layers]
+        return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, grad):
-        x, weight, lora_a, lora_b, low = ctx.saved_tensors
-        flat = grad.flatten(0, -2).to(lora_b.dtype)                              # [N, out]
-        # the rank-r products with the long side inner: (low^T g)^T, (B^T g^T)^T; the scale goes
-        # on their [out, r] and [N, r] results, not on the [N, out] gradient
-        grad_b = (low.flatten(0, -2).t() @ flat).t().mul_(ctx.scale)
-        through_b = (lora_b.t() @ flat.t()).t().mul(ctx.scale)                   # [N, r]
-        grad_a = through_b.t() @ x.flatten(0, -2).to(lora_a.dtype)
+    def backward(ctx, *grads):
+        x, low, stacked, *saved = ctx.saved_tensors
+        weights, lora_bs = saved[0::2], saved[1::2]
+        grad_bs, through = [], []
+        for grad, lora_b, scale, part in zip(grads, lora_bs, ctx.scales, low.split(ctx.ranks, 1)):
+            flat = grad.flatten(0, -2).to(lora_b.dtype)                              # [N, out]
+            # the rank-r products with the long side inner: (low^T g)^T, (B^T g^T)^T; the scale goes
+            # on their [out, r] and [N, r] results, not on the [N, out] gradient
+            grad_bs.append((part.t() @ flat).t().mul_(scale))
+            through.append((lora_b.t() @ flat.t()).t().mul(scale))                   # [N, r]
+        through = _stack(through, 1)                                                  # [N, R]
+        grad_as = (through.t() @ x.flatten(0, -2).to(stacked.dtype)).split(ctx.ranks)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = _dense(grad, weight.to(grad.dtype).t()) + (through_b @ lora_a).to(grad.dtype).view(*grad.shape[:-1], -1)
-        return grad_x, None, None, grad_a, grad_b, None
+            grad_x = (through @ stacked).to(grads[0].dtype).view(*grads[0].shape[:-1], -1)
+            for grad, weight in zip(grads, weights):
+                grad_x += _dense(grad, weight.to(grad.dtype).t())
+        return (grad_x,) + tuple(t for grad_a, grad_b in zip(grad_as, grad_bs) for t in (None, None, grad_a, grad_b, None))
+
+
+def _stack(tensors, dim=0):
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
 
 
 def _heads(x, head_dim):
