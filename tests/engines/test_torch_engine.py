@@ -156,6 +156,26 @@ def test_lean_blocks_give_transformers_losses_and_gradients(tiny_model, num_laye
         np.testing.assert_allclose(lean[2][name], grad, rtol=1e-4, atol=1e-5 * np.abs(grad).max(), err_msg=name)
 
 
+def test_float32_products_on_a_cpu_take_whole_buckets_of_rows_and_the_same_values(tiny_model, monkeypatch):
+    """Positions and supervised rows are padded to a multiple of ROW_BUCKET for the products (few
+    oneDNN shapes); losses and gradients are those of the unpadded computation."""
+    from tunelab.engines.torch_engine import blocks
+
+    if blocks._onednn_linear() is None:
+        pytest.skip("no oneDNN linear op in this build")
+    rows_seen = []
+    dense = blocks._dense
+    monkeypatch.setattr(blocks, "_dense", lambda x, *a: rows_seen.append(x.shape[:-1].numel()) or dense(x, *a))
+    padded = losses_and_gradients(tiny_model, True, num_layers=1)
+    assert rows_seen and all(rows % blocks.ROW_BUCKET == 0 for rows in rows_seen)
+    assert len(padded[0]) % blocks.ROW_BUCKET and batch_for(load(tiny_model)).tokens.shape[1] % blocks.ROW_BUCKET != 1
+    monkeypatch.setattr(blocks, "ROW_BUCKET", 1)
+    plain = losses_and_gradients(tiny_model, True, num_layers=1)
+    np.testing.assert_allclose(padded[0], plain[0], rtol=1e-6)
+    for name, grad in plain[2].items():
+        np.testing.assert_allclose(padded[2][name], grad, rtol=1e-5, atol=1e-6 * np.abs(grad).max(), err_msg=name)
+
+
 def test_lean_blocks_in_bfloat16_stay_near_the_plain_forward(tiny_model):
     """On a CPU in bfloat16 attention is computed by products and a float32 softmax, not the fused kernel."""
     lean = losses_and_gradients(tiny_model, True, dtype="bfloat16")
@@ -283,4 +303,4 @@ def test_float32_on_a_cpu_caps_onednn_caches_unless_the_user_set_them(tiny_model
     assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "300")
     load(tiny_model)
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64" and os.environ["LRU_CACHE_CAPACITY"] == "300"
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256" and os.environ["LRU_CACHE_CAPACITY"] == "300"

@@ -16,7 +16,10 @@ position. The loss reads the last hidden state only at the supervised positions,
 - on a CPU in float32, products with the frozen weights go through oneDNN's matmul (`_dense`):
   PyTorch's own float32 products call MKL, which took 10-20% longer at a W1 row (~130 positions),
   5-14% at a W2 batch and 25% longer for the output layer at a few dozen positions on the AMD CPUs
-  measured (bfloat16 products already use oneDNN).
+  measured (bfloat16 products already use oneDNN). oneDNN builds a product for each exact shape,
+  so positions and supervised rows are padded with zeros to a multiple of 8 there (`_padding`);
+- LoRA layers that read the same input (q/k/v, gate/up) share one autograd function and one pass
+  over the input for their low-rank products.
 
 Each is the same arithmetic as the plain computation at the positions that matter (tests compare
 losses and gradients with transformers' and PEFT's own forward). A plain LoRA layer (no dropout,
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 
 FAMILIES = ("llama", "qwen2")
 HEAD_CHUNK = 2048   # output-layer rows a step on CPUs (4.7 MB of SmolLM2's float32 weight: stays in cache)
+ROW_BUCKET = 8      # float32 products on CPUs take a multiple of this many rows (see `_padding`)
 
 
 @functools.cache
@@ -48,15 +52,36 @@ def _onednn_linear():
         return None
 
 
-def cap_onednn_caches(entries=64):
-    """Keep oneDNN's caches of compiled products (its primitive cache and PyTorch's cache around it)
-    to `entries` each, for float32 work on a CPU. Every row length makes new float32 products,
-    and with the default 1024 entries each the caches grew by ~0.3 GB over a W1 run (1000 steps,
-    100 rows) at no measurable gain in speed; in bfloat16 caps made steps 10-25% slower, so it stays off
-    there. Takes effect only before oneDNN's first product in the process; a value the user set
-    in the environment wins."""
+def cap_onednn_caches(entries=256):
+    """Keep oneDNN's caches of built products (its primitive cache and PyTorch's cache around it)
+    to `entries` each, for float32 work on a CPU. Each float32 product shape is built once (~0.5 ms)
+    and kept (~0.6 MB); `_padding` holds a W1 run to ~90 shapes, and the cap bounds the rest (with
+    the default 1024 entries a run over many lengths kept ~0.3 GB more). In bfloat16 caps made
+    steps 10-25% slower, so it stays off there. Takes effect only before oneDNN's first product
+    in the process; a value the user set in the environment wins."""
     for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
         os.environ.setdefault(name, str(entries))
+
+
+def _padding(size, like):
+    """Zero rows (or positions) to add to `size` of them so that `like`'s products see few distinct
+    shapes: on a CPU in float32, oneDNN builds each product for its exact shape (~0.5 ms and
+    ~0.6 MB of generated code each, kept in the capped caches), and every row length and supervised
+    count of a data set is a new shape. A multiple of ROW_BUCKET costs ~3% more rows at ~130 rows
+    and keeps the caches' hits. Added rows are zeros placed after the real ones, where no real
+    position reads them (causal attention, row-wise products), and their outputs are dropped."""
+    if like.device.type != "cpu" or like.dtype != torch.float32 or _onednn_linear() is None:
+        return 0
+    return -size % ROW_BUCKET
+
+
+def _pad_rows(x, extra, dim=0):
+    """x with `extra` zero rows appended along `dim`."""
+    if extra == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat((x, x.new_zeros(shape)), dim)
 
 
 def _dense(x, weight, bias=None):
@@ -85,6 +110,11 @@ def supported(lm):
 
 def run_blocks(body, blocks, hidden):
     """Output [B, T, H] of body.layers[blocks] (a slice) for their input [B, T, H], rows right-padded."""
+    size = hidden.shape[1]
+    return _run_blocks(body, blocks, _pad_rows(hidden, _padding(size, hidden), 1))[:, :size]
+
+
+def _run_blocks(body, blocks, hidden):
     context = _positions(body, hidden)
     for layer in list(body.layers)[blocks]:
         hidden = _block(layer, hidden, *context)
@@ -98,8 +128,10 @@ def supervised_hidden(body, first, hidden, targeted):
     positions whose next token is supervised."""
     if not targeted.any():
         return body.norm(hidden[targeted])
+    extra = _padding(hidden.shape[1], hidden)
+    hidden, targeted = _pad_rows(hidden, extra, 1), _pad_rows(targeted, extra, 1)
     top = len(body.layers) - 1
-    hidden = run_blocks(body, slice(first, top), hidden)
+    hidden = _run_blocks(body, slice(first, top), hidden)
     cos, sin, on_cpu = _positions(body, hidden)
     return body.norm(_top_block(body.layers[top], hidden, cos, sin, targeted, on_cpu))
 
@@ -132,7 +164,9 @@ def _top_block(layer, hidden, cos, sin, targeted, on_cpu):
     x = layer.input_layernorm(hidden)
     k, v = (_heads(out, attn.head_dim) for out in _project_all((attn.k_proj, attn.v_proj), x))
     k = _rotate(k, cos, sin)
-    q = _project(attn.q_proj, x[rows, cols]).unflatten(-1, (-1, attn.head_dim))  # [N, nh, d]
+    size = rows.shape[0]
+    extra = _padding(size, x)                                    # rows of the [N, ...] products
+    q = _project(attn.q_proj, _pad_rows(x[rows, cols], extra))[:size].unflatten(-1, (-1, attn.head_dim))  # [N, nh, d]
     q = q * cos[0, cols, None] + _rotate_half(q) * sin[0, cols, None]
     grid = q.new_zeros((hidden.shape[0], width) + q.shape[1:]).index_put((rows, slot), q)   # [B, S, nh, d]
     where = torch.zeros(grid.shape[:2], dtype=torch.long, device=q.device).index_put((rows, slot), cols)
@@ -140,8 +174,8 @@ def _top_block(layer, hidden, cos, sin, targeted, on_cpu):
     allowed = keys[None, None, :] <= where[:, :, None]      # [B, S, T]
     out = _attend(grid.transpose(1, 2), k, v, allowed, attn.scaling, on_cpu)
     out = out.transpose(1, 2)[rows, slot].flatten(1)                           # [N, nh * d]
-    picked = hidden[rows, cols] + _project(attn.o_proj, out)
-    return picked + _mlp(layer.mlp, layer.post_attention_layernorm(picked))
+    picked = _pad_rows(hidden[rows, cols] + _project(attn.o_proj, _pad_rows(out, extra))[:size], extra)
+    return (picked + _mlp(layer.mlp, layer.post_attention_layernorm(picked)))[:size]
 
 
 def _mlp(mlp, x):
@@ -322,4 +356,6 @@ def supervised_losses(head, hidden, targets):
     if head.weight.requires_grad:
         return F.cross_entropy(head(hidden).float(), targets, reduction="none")
     chunk = HEAD_CHUNK if hidden.device.type == "cpu" else head.weight.shape[0]
-    return SupervisedCrossEntropy.apply(hidden, head.weight, targets, chunk)
+    size = hidden.shape[0]
+    extra = _padding(size, hidden)
+    return SupervisedCrossEntropy.apply(_pad_rows(hidden, extra), head.weight, _pad_rows(targets, extra), chunk)[:size]
