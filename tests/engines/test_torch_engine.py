@@ -157,17 +157,22 @@ def test_lean_blocks_give_transformers_losses_and_gradients(tiny_model, num_laye
 
 
 def test_float32_products_on_a_cpu_take_whole_buckets_of_rows_and_the_same_values(tiny_model, monkeypatch):
-    """Positions and supervised rows are padded to a multiple of ROW_BUCKET for the products (few
-    oneDNN shapes); losses and gradients are those of the unpadded computation."""
+    """Positions and the top block's supervised rows are padded to a multiple of ROW_BUCKET for the
+    block products (few oneDNN shapes), not for the output layer; losses and gradients are those of
+    the unpadded computation."""
     from tunelab.engines.torch_engine import blocks
 
     if blocks._onednn_linear() is None:
         pytest.skip("no oneDNN linear op in this build")
     rows_seen = []
     dense = blocks._dense
-    monkeypatch.setattr(blocks, "_dense", lambda x, *a: rows_seen.append(x.shape[:-1].numel()) or dense(x, *a))
+    monkeypatch.setattr(blocks, "_dense", lambda x, weight, *a: rows_seen.append((x.shape[:-1].numel(), weight.shape))
+                        or dense(x, weight, *a))
     padded = losses_and_gradients(tiny_model, True, num_layers=1)
-    assert rows_seen and all(rows % blocks.ROW_BUCKET == 0 for rows in rows_seen)
+    vocab = load(tiny_model).model.lm_head.weight.shape[0]
+    in_blocks = [rows for rows, shape in rows_seen if vocab not in shape]
+    assert in_blocks and all(rows % blocks.ROW_BUCKET == 0 for rows in in_blocks)
+    assert all(rows == len(padded[0]) for rows, shape in rows_seen if vocab in shape)
     assert len(padded[0]) % blocks.ROW_BUCKET and batch_for(load(tiny_model)).tokens.shape[1] % blocks.ROW_BUCKET != 1
     monkeypatch.setattr(blocks, "ROW_BUCKET", 1)
     plain = losses_and_gradients(tiny_model, True, num_layers=1)

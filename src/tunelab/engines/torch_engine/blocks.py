@@ -17,7 +17,8 @@ position. The loss reads the last hidden state only at the supervised positions,
   PyTorch's own float32 products call MKL, which took 10-20% longer at a W1 row (~130 positions),
   5-14% at a W2 batch and 25% longer for the output layer at a few dozen positions on the AMD CPUs
   measured (bfloat16 products already use oneDNN). oneDNN builds a product for each exact shape,
-  so positions and supervised rows are padded with zeros to a multiple of 8 there (`_padding`);
+  so positions (and the top block's supervised rows) are padded with zeros to a multiple of 8
+  there (`_padding`);
 - LoRA layers that read the same input (q/k/v, gate/up) share one autograd function and one pass
   over the input for their low-rank products.
 
@@ -70,7 +71,9 @@ def _padding(size, like):
     ~0.6 MB of generated code each, kept in the capped caches), and every row length and supervised
     count of a data set is a new shape. A multiple of ROW_BUCKET costs ~3% more rows at ~130 rows
     and keeps the caches' hits. Added rows are zeros placed after the real ones, where no real
-    position reads them (causal attention, row-wise products), and their outputs are dropped."""
+    position reads them (causal attention, row-wise products), and their outputs are dropped.
+    The output layer's two products per supervised count are not padded: at ~24 rows they are
+    bound by their arithmetic, and 32 rows took 4-5 ms longer a step than 24 (float32, SmolLM2)."""
     if like.device.type != "cpu" or like.dtype != torch.float32 or _onednn_linear() is None:
         return 0
     return -size % ROW_BUCKET
@@ -360,6 +363,4 @@ def supervised_losses(head, hidden, targets):
     chunk = weight.shape[0]
     if hidden.device.type == "cpu":
         chunk = max(1, HEAD_CHUNK_BYTES // (weight.shape[1] * weight.element_size()))
-    size = hidden.shape[0]
-    extra = _padding(size, hidden)
-    return SupervisedCrossEntropy.apply(_pad_rows(hidden, extra), weight, _pad_rows(targets, extra), chunk)[:size]
+    return SupervisedCrossEntropy.apply(hidden, weight, targets, chunk)
