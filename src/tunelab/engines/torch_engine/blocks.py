@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 FAMILIES = ("llama", "qwen2")
 HEAD_CHUNK_BYTES = 4_718_592   # output-layer weight a step on CPUs (2048 float32 or 4096 bfloat16 rows of
-                               # SmolLM2's: stays in cache; 2-4x as much took 5-25% longer)
+                               # SmolLM2's: stays in cache; 2-4x as much took 2-19% longer)
 ROW_BUCKET = 8      # float32 products on CPUs take a multiple of this many rows (see `_padding`)
 
 
@@ -57,7 +57,7 @@ def _onednn_linear():
 def cap_onednn_caches(entries=256):
     """Keep oneDNN's caches of built products (its primitive cache and PyTorch's cache around it)
     to `entries` each, for float32 work on a CPU. Each float32 product shape is built once (~0.5 ms)
-    and kept (~0.6 MB); `_padding` holds a W1 run to ~90 shapes, and the cap bounds the rest (with
+    and kept (~0.6 MB); `_padding` holds a W1 run to ~125 shapes, and the cap bounds the rest (with
     the default 1024 entries a run over many lengths kept ~0.3 GB more). In bfloat16 caps made
     steps 10-25% slower, so it stays off there. Takes effect only before oneDNN's first product
     in the process; a value the user set in the environment wins."""
