@@ -178,7 +178,8 @@ def _top_block(layer, hidden, cos, sin, targeted, on_cpu):
     allowed = keys[None, None, :] <= where[:, :, None]      # [B, S, T]
     out = _attend(grid.transpose(1, 2), k, v, allowed, attn.scaling, on_cpu)
     out = out.transpose(1, 2)[rows, slot].flatten(1)                           # [N, nh * d]
-    picked = _pad_rows(hidden[rows, cols] + _project(attn.o_proj, _pad_rows(out, extra))[:size], extra)
+    # the added rows run on through o_proj and the MLP (every op row-wise) and are dropped at the end
+    picked = _pad_rows(hidden[rows, cols], extra) + _project(attn.o_proj, _pad_rows(out, extra))
     return (picked + _mlp(layer.mlp, layer.post_attention_layernorm(picked)))[:size]
 
 
