@@ -242,9 +242,9 @@ class LoraLinear(torch.autograd.Function):
         outputs = []
         for (weight, bias, _, lora_b, scale), part in zip(layers, low.split(ctx.ranks, 1)):
             base = _dense(flat, weight, bias)
-            # base + scale * (low @ B^T) in one product, into a float32 copy of the base output: no
-            # [N, out] temporaries besides that copy (fresh large buffers cost page faults on CPUs)
-            out = torch.addmm(base.to(low.dtype), part, lora_b.t(), alpha=scale)
+            # scale * (low @ B^T) added in place to the base output, or to its float32 copy: no
+            # other [N, out] buffer (each pass over one costs memory traffic, fresh ones page faults)
+            out = base.to(low.dtype).addmm_(part, lora_b.t(), alpha=scale)
             outputs.append(out.to(base.dtype).view(*x.shape[:-1], -1))
         ctx.save_for_backward(x, low, stacked, *(t for weight, _, _, lora_b, _ in layers for t in (weight, lora_b)))
         ctx.scales = [scale for *_, scale in layers]
@@ -265,9 +265,14 @@ class LoraLinear(torch.autograd.Function):
         grad_as = (through.t() @ x.flatten(0, -2).to(stacked.dtype)).split(ctx.ranks)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (through @ stacked).to(grads[0].dtype).view(*grads[0].shape[:-1], -1)
+            dtype = grads[0].dtype
+            if dtype != through.dtype:    # the branch's part in float32, rounded once, then the base parts
+                grad_x = (through @ stacked).to(dtype).view(*grads[0].shape[:-1], -1)
             for grad, weight in zip(grads, weights):
-                grad_x += _dense(grad, weight.to(grad.dtype).t())
+                part = _dense(grad, weight.to(dtype).t())
+                grad_x = part if grad_x is None else grad_x.add_(part)
+            if dtype == through.dtype:    # the branch's part added in place: no [N, in] buffer of its own
+                grad_x.view(-1, grad_x.shape[-1]).addmm_(through, stacked)
         return (grad_x,) + tuple(t for grad_a, grad_b in zip(grad_as, grad_bs) for t in (None, None, grad_a, grad_b, None))
 
 
