@@ -2,6 +2,8 @@
 transformers', the frozen-prefix cache on disk. The shared contract is in test_engine_contract.py."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -309,3 +311,36 @@ def test_float32_on_a_cpu_caps_onednn_caches_unless_the_user_set_them(tiny_model
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "300")
     load(tiny_model)
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256" and os.environ["LRU_CACHE_CAPACITY"] == "300"
+
+
+CHURN = """
+import resource, sys, torch
+from tunelab.engines import torch_engine
+kept = torch_engine.keep_freed_memory() if sys.argv[1] == "keep" else None
+def churn():   # activation-sized buffers of a few sizes, freed and made again, as the prefix fill does
+    for size in (3, 7, 5, 7, 3, 6) * 5:
+        buffers = [torch.ones(size * 1024**2 // 4) for _ in range(3)]
+        del buffers
+churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="glibc's allocator only")
+def test_on_glibc_freed_buffers_come_back_without_page_faults(monkeypatch):
+    for name in [name for name in os.environ if name.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
+
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", CHURN, mode], capture_output=True, text=True, check=True)
+        kept, count = out.stdout.split()
+        return kept, int(count)
+
+    kept, with_it = faults("keep")
+    _, without = faults("plain")
+    assert kept == "True" and without > 5000 and with_it < without / 20, (with_it, without)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")                  # the user's own setting wins
+    assert engine.keep_freed_memory() is False

@@ -6,8 +6,11 @@ Llama-family models blocks.py goes further (the top block at those positions too
 """
 
 import contextlib
+import ctypes
 import inspect
+import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +142,23 @@ def _quiet_transformers():
     transformers.utils.logging.disable_progress_bar()
 
 
+def keep_freed_memory():
+    """On Linux with glibc, keep freed memory in the process for the next tensors of its size (up to
+    32 MB) instead of handing it back to the system: a returned buffer comes back as fresh pages,
+    and each page costs a fault on first write. Filling the frozen-prefix cache (~7 MB activations,
+    freed block by block) took ~16,000 faults a row and ~13% longer on 2 CPU cores without this.
+    Peak memory is what it was (the process already held it); it is not given back before exit.
+    Whether it took effect; a MALLOC_* setting in the environment wins."""
+    if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):      # another C library (musl)
+        return False
+    trim_threshold, mmap_threshold = -1, -3       # glibc's M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+    return bool(mallopt(mmap_threshold, 32 * 1024**2)) and bool(mallopt(trim_threshold, 1024**3))
+
+
 def load(model_dir, device="auto", dtype="auto", log=print, training=False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -146,8 +166,10 @@ def load(model_dir, device="auto", dtype="auto", log=print, training=False):
     dev, dev_reason = pick_device(device)
     dt, dt_reason = pick_dtype(dev, dtype, training)
     log(f"Device: {dev.type} ({dev_reason}); dtype: {str(dt).replace('torch.', '')} ({dt_reason})")
-    if dev.type == "cpu" and dt == torch.float32:
-        blocks.cap_onednn_caches()
+    if dev.type == "cpu":
+        keep_freed_memory()
+        if dt == torch.float32:
+            blocks.cap_onednn_caches()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dt, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
