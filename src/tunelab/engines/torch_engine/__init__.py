@@ -330,7 +330,7 @@ def _prefix_hidden(m, body, batch, tokens, attention):
 def fill_prefix(m, batches):
     """Put each row's frozen-prefix output into the cache, several rows a batch; stops when the cache
     is full. (On 2 CPU cores at ~125-token rows this takes as long as filling it during the first
-    epoch, ~0.17 s a row in float32: one row is already enough work there. Steps then all cost the
+    epoch, ~0.14 s a row in float32: one row is already enough work there. Steps then all cost the
     same, so the progress bar's estimate holds from the start.)"""
     body, _ = _causal_lm(m)
     for batch in batches:
