@@ -2,6 +2,7 @@
 transformers', the frozen-prefix cache on disk. The shared contract is in test_engine_contract.py."""
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -328,8 +329,7 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
-                    reason="glibc's allocator only")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
 def test_on_glibc_freed_buffers_come_back_without_page_faults(monkeypatch):
     for name in [name for name in os.environ if name.startswith("MALLOC_")]:
         monkeypatch.delenv(name)

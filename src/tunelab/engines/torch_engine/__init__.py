@@ -146,7 +146,7 @@ def keep_freed_memory():
     """On Linux with glibc, keep freed memory in the process for the next tensors of its size (up to
     32 MB) instead of handing it back to the system: a returned buffer comes back as fresh pages,
     and each page costs a fault on first write. Filling the frozen-prefix cache (~7 MB activations,
-    freed block by block) took ~16,000 faults a row and ~13% longer on 2 CPU cores without this.
+    freed block by block) took ~16,000 faults a row and ~15% longer on 2 CPU cores without this.
     Peak memory is what it was (the process already held it); it is not given back before exit.
     Whether it took effect; a MALLOC_* setting in the environment wins."""
     if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
