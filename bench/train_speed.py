@@ -134,6 +134,14 @@ def run_trl(model_dir, folder, iters, out):
             "supervised_per_row": statistics.mean(sum(m) for m in masks) if masks else None}
 
 
+def run_tunelab_eager(model_dir, folder, iters, out):
+    """tunelab with its CUDA graphs off (each step's kernels launched one by one); on a CPU the same as tunelab."""
+    import os
+
+    os.environ["TUNELAB_CUDA_GRAPHS"] = "0"
+    return run_tunelab(model_dir, folder, iters, out)
+
+
 def run_trl_defaults(model_dir, folder, iters, out):
     global GRADIENT_CHECKPOINTING
     GRADIENT_CHECKPOINTING = True
@@ -173,7 +181,7 @@ def run_mlx_lm(model_dir, folder, iters, out):
 
 
 MLX_ITERS = 5   # set from --mlx-iters: mlx[cpu] on Linux takes tens of seconds a step
-RUNNERS = {"tunelab": run_tunelab, "trl": run_trl, "trl-defaults": run_trl_defaults, "mlx-lm": run_mlx_lm}
+RUNNERS = {"tunelab": run_tunelab, "tunelab-eager": run_tunelab_eager, "trl": run_trl, "trl-defaults": run_trl_defaults, "mlx-lm": run_mlx_lm}
 
 
 def use_workload(args):
@@ -259,7 +267,8 @@ def main(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--tools", default="tunelab,trl",
-                        help="comma-separated: tunelab, trl, trl-defaults (TRL with its gradient checkpointing on), "
+                        help="comma-separated: tunelab, tunelab-eager (CUDA graphs off), trl, trl-defaults (TRL with "
+                             "its gradient checkpointing on), "
                              "mlx-lm (mlx_lm lora; on Linux its CPU build, --mlx-iters steps only)")
     parser.add_argument("--mlx-iters", type=int, default=5, help="iterations for mlx-lm (default 5)")
     parser.add_argument("--run", help=argparse.SUPPRESS)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from tunelab import adapters
 from tunelab.engines.base import StepResult, resident_peak
-from tunelab.engines.torch_engine import blocks
+from tunelab.engines.torch_engine import blocks, graphs
 from tunelab.errors import UserError
 
 name = "torch"
@@ -36,6 +36,7 @@ class Model:
     spec: object = None          # adapters.AdapterSpec when adapters are attached
     prefix: "PrefixCache" = None  # outputs of the frozen blocks below the lowest adapted one, per row
     lean: bool = False           # blocks.py computes the loss (a llama-family model); else transformers' forward
+    graphs: object = None        # graphs.Replays of the training step (CUDA), False when steps run eagerly
 
 
 PREFIX_CACHE_BUDGET = 2 * 1024**3   # bytes of cached activations kept in memory
@@ -204,6 +205,7 @@ def attach_lora(m, spec, seed=0):
     except ValueError:   # PEFT found none of the modules
         raise no_module(spec.modules()) from None
     m.spec = spec
+    m.graphs = None
     found = set(_lora_modules(m))
     missing = [mod for mod in spec.modules() if mod not in found]
     if missing:
@@ -219,9 +221,14 @@ def savings(m, rows, tokens):
     Also sets the frozen-prefix cache up for `tokens` tokens over `rows` rows."""
     from tunelab import models
 
-    lean = (", forward and backward in one pass over the output weight; the top block's queries and MLP only there"
-            if m.lean else "")
+    lean = ", forward and backward in one pass over the output weight" if m.lean else ""
+    if m.lean and not _recordable(m):
+        lean += "; the top block's queries and MLP only there"
     lines = [f"output projection and loss only at supervised positions{lean}; no backward below the lowest adapted block"]
+    if _recordable(m):
+        lines.append(f"CUDA graphs: each batch shape's step recorded once, then replayed in one launch (positions and "
+                     f"targets padded to buckets of {graphs.POSITION_FLOOR} or more, up to {graphs.MAX_GRAPHS} "
+                     f"shapes; {graphs.SWITCH}=0 turns this off)")
     if m.prefix is not None:
         need = tokens * _base_lm(m).config.hidden_size * torch.empty((), dtype=m.dtype).element_size()
         on_disk = m.prefix.plan(need, models.cache_dir() / "prefix-cache")
@@ -363,18 +370,68 @@ def _token_losses(m, batch):
     return losses, targeted.nonzero()[:, 0]
 
 
+def _replays(m):
+    """The recorded training steps (graphs.Replays) when this model's steps are recorded, else None:
+    on CUDA, for blocks.py's loss with plain LoRA layers only (dropout and DoRA run as PEFT's modules)."""
+    if m.graphs is None:
+        m.graphs = _recordable(m) and graphs.Replays(graphs.CudaRecorder(),
+                                                     log=lambda text: print(text, file=sys.stderr))
+    return m.graphs or None
+
+
+def _recordable(m):
+    return (m.lean and graphs.wanted(m.device)
+            and all(blocks._plain_lora(layer) is not None for layer in _lora_modules(m).values()))
+
+
+def _padded_loss(m, buffers):
+    """The step of graphs.layout's fixed shapes: every block at every position, the loss at the
+    listed targets, weighted; backward into the .grad tensors. Returns the weighted loss."""
+    body, head = _causal_lm(m)
+    first = 0 if m.prefix is None else m.prefix.first
+    hidden = buffers["start"] if "start" in buffers else body.embed_tokens(buffers["inputs"])
+    hidden = blocks.run_blocks(body, slice(first, None), hidden)
+    picked = body.norm(hidden.flatten(0, 1).index_select(0, buffers["places"]))   # (index_select: no sync on GPUs)
+    loss = (blocks.supervised_losses(head, picked, buffers["targets"]) * buffers["weights"]).sum()
+    loss.backward()
+    return loss.detach()
+
+
+def _replayed_loss(m, replays, batch, total):
+    """One batch's forward and backward pass through `replays` (gradients added into .grad, which
+    must exist); returns its summed loss divided by `total`, as a scalar tensor."""
+    values = graphs.layout(batch, total)
+    if m.prefix is not None:   # the frozen blocks' output, from the cache or computed now, as the input
+        body, _ = _causal_lm(m)
+        inputs = values.pop("inputs")
+        width = batch.tokens.shape[1] - 1
+        hidden = _prefix_hidden(m, body, batch, torch.from_numpy(batch.tokens[:, :-1]).to(m.device),
+                                torch.from_numpy(batch.attention_mask[:, :-1]).to(m.device))
+        values["start"] = hidden.new_zeros(inputs.shape + hidden.shape[2:])
+        values["start"][:, :width] = hidden
+    return replays.run(values, lambda buffers: _padded_loss(m, buffers), m.device)
+
+
 def train_step(m, optimizer, batches):
     """One Adam step over one batch or several micro-batches (gradients accumulated, one backward each)."""
     m.model.train()
     batches = batches if isinstance(batches, (list, tuple)) else [batches]
     total = sum(int(b.supervised[:, 1:].sum()) for b in batches)
+    replays = _replays(m)
     loss_sum = 0.0
+    if replays is not None:   # recorded steps add into gradient tensors that stay in place
+        for p in m.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
     for batch in batches:
+        if replays is not None and total:
+            loss_sum += float(_replayed_loss(m, replays, batch, total)) * total
+            continue
         losses, _ = _token_losses(m, batch)
         (losses.sum() / total).backward()
         loss_sum += float(losses.detach().sum())
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=replays is None)
     value = loss_sum / total
     if not np.isfinite(value):
         raise UserError(f"the training loss became {value}; lower --learning-rate")
@@ -488,6 +545,7 @@ def fuse(m, save_dir):
     m.model = merged
     m.spec = None
     m.prefix = None
+    m.graphs = None
 
 
 def peak_memory():

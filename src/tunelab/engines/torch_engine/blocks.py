@@ -301,8 +301,8 @@ def _attend(q, k, v, allowed, scale, on_cpu):
     batch, heads, size, dim = q.shape
     groups = heads // k.shape[1]
     if not on_cpu:     # the fused kernel
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        if groups > 1:   # each key/value head beside its query heads (expand: no wait for the device)
+            k, v = (t[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2) for t in (k, v))
         mask = None if allowed is None else allowed[:, None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=allowed is None, scale=scale)
     if allowed is None:
@@ -334,13 +334,17 @@ class SupervisedCrossEntropy(torch.autograd.Function):
         total = torch.zeros((size, 1), device=device)
         picked = torch.zeros(size, device=device)
         weighted = torch.zeros((size, hidden.shape[1]), device=device) if wanted else None
-        rows_of = {}                                   # chunk -> rows whose target lies in it
-        for row, target in enumerate(targets.tolist()):
-            rows_of.setdefault(target // chunk, []).append(row)
+        rows_of = None                                 # chunk -> rows whose target lies in it
+        if chunk < weight.shape[0]:                    # (one chunk: a gather, no wait for the device)
+            rows_of = {}
+            for row, target in enumerate(targets.tolist()):
+                rows_of.setdefault(target // chunk, []).append(row)
         for start in range(0, weight.shape[0], chunk):
             part = weight[start:start + chunk]
             logits = _dense(hidden, part).float()                              # [N, chunk]
-            if start // chunk in rows_of:
+            if rows_of is None:
+                picked = logits.gather(1, targets[:, None])[:, 0]
+            elif start // chunk in rows_of:
                 rows = torch.tensor(rows_of[start // chunk], device=device)
                 picked[rows] = logits[rows, targets[rows] - start]
             grown = torch.maximum(top, logits.amax(1, keepdim=True))
