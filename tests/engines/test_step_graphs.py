@@ -13,7 +13,7 @@ from tunelab.engines import torch_engine as engine
 from tunelab.engines.torch_engine import graphs
 from tests.engines.test_torch_engine import ROWS, with_adapter
 
-OTHER_ROWS = [{"messages": [{"role": "system", "content": "CREATE TABLE u (c INTEGER, d VARCHAR)"},
+OTHER_ROWS = [{"messages": [{"role": "system", "content": "CREATE TABLE uv (c INTEGER, d VARCHAR)"},
                             {"role": "user", "content": f"What is c when d is {w}?"},
                             {"role": "assistant", "content": f"SELECT c FROM u WHERE d = '{w}'"}]}
               for w in ("p", "qq", "rrr long valve")]
@@ -86,7 +86,7 @@ def test_recorded_steps_give_the_plain_losses_and_gradients(tiny_model, num_laye
 
 def train(model, batches, replays):
     model.graphs = replays
-    optimizer = engine.make_optimizer(model, 1e-2)
+    optimizer = engine.make_optimizer(model, 1e-3)
     losses = [engine.train_step(model, optimizer, batch).loss for batch in batches]
     return losses, engine.adapter_tensors(model)
 
@@ -104,7 +104,7 @@ def test_training_on_recorded_steps_follows_eager_training(tiny_model):
     np.testing.assert_allclose(recorded[0], eager[0], rtol=1e-5)
     for name, weights in eager[1].items():
         for got, want in zip(recorded[1][name], weights):
-            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=name)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
     assert sum(entry.replays for entry in replays.recorded.values()) == 4
 
 

@@ -221,12 +221,13 @@ def test_models_outside_the_llama_family_or_with_attention_dropout_use_the_plain
     assert not blocks.supported(model.model)
 
 
-@pytest.mark.parametrize("chunk", [7, 50])
+@pytest.mark.parametrize("chunk,on_host", [(7, True), (7, False), (50, False)])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_one_pass_output_layer_gives_cross_entropy_and_its_gradient(dtype, tolerance, chunk):
+def test_one_pass_output_layer_gives_cross_entropy_and_its_gradient(dtype, tolerance, chunk, on_host):
     """Chunks of 7 rows of a 50-row output weight (a partial last chunk), logits far apart so the
-    running maximum grows between chunks, targets in every chunk; and the whole weight as one chunk
-    (GPUs: the targets' logits gathered on the device)."""
+    running maximum grows between chunks, targets in every chunk; the targets' logits picked by
+    rows listed on the host (CPUs) or gathered on the device at every chunk (GPUs); and the whole
+    weight as one chunk."""
     from tunelab.engines.torch_engine import blocks
 
     gen = torch.Generator().manual_seed(0)
@@ -234,7 +235,7 @@ def test_one_pass_output_layer_gives_cross_entropy_and_its_gradient(dtype, toler
     hidden = torch.randn(6, 16, generator=gen).to(dtype).requires_grad_()
     targets = torch.tensor([0, 6, 7, 25, 48, 49])
     upstream = torch.rand(6, generator=gen)
-    losses = blocks.SupervisedCrossEntropy.apply(hidden, weight, targets, chunk)
+    losses = blocks.SupervisedCrossEntropy.apply(hidden, weight, targets, chunk, on_host)
     (grad,) = torch.autograd.grad((losses * upstream).sum(), hidden)
     reference = hidden.detach().float().requires_grad_()
     plain = F.cross_entropy(reference @ weight.float().t(), targets, reduction="none")
@@ -242,7 +243,7 @@ def test_one_pass_output_layer_gives_cross_entropy_and_its_gradient(dtype, toler
     torch.testing.assert_close(losses, plain.detach(), rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(grad.float(), plain_grad, rtol=tolerance, atol=tolerance * plain_grad.abs().max())
     with torch.no_grad():
-        torch.testing.assert_close(blocks.SupervisedCrossEntropy.apply(hidden, weight, targets, chunk), losses)
+        torch.testing.assert_close(blocks.SupervisedCrossEntropy.apply(hidden, weight, targets, chunk, on_host), losses)
 
 
 def test_only_plain_lora_layers_take_the_fused_function(tiny_model):

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 FAMILIES = ("llama", "qwen2")
 HEAD_CHUNK_BYTES = 4_718_592   # output-layer weight a step on CPUs (2048 float32 or 4096 bfloat16 rows of
                                # SmolLM2's: stays in cache; 2-4x as much took 2-19% longer)
+DEVICE_HEAD_CHUNK = 16384     # output-layer rows a step on GPUs: logits [N, 16384], not [N, vocabulary]
 ROW_BUCKET = 8      # float32 products on CPUs take a multiple of this many rows (see `_padding`)
 
 
@@ -327,15 +328,15 @@ class SupervisedCrossEntropy(torch.autograd.Function):
     gradient. Logits are float32 whatever the weight's dtype, as `.float()` on the plain logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, chunk, on_host=None):
         wanted = ctx.needs_input_grad[0]
         device, size = hidden.device, hidden.shape[0]
         top = torch.full((size, 1), float("-inf"), device=device)
         total = torch.zeros((size, 1), device=device)
         picked = torch.zeros(size, device=device)
         weighted = torch.zeros((size, hidden.shape[1]), device=device) if wanted else None
-        rows_of = None                                 # chunk -> rows whose target lies in it
-        if chunk < weight.shape[0]:                    # (one chunk: a gather, no wait for the device)
+        rows_of = None       # chunk -> rows whose target lies in it, on a CPU; elsewhere (no wait for
+        if device.type == "cpu" if on_host is None else on_host:   # the device) gathered at every target, masked
             rows_of = {}
             for row, target in enumerate(targets.tolist()):
                 rows_of.setdefault(target // chunk, []).append(row)
@@ -343,7 +344,9 @@ class SupervisedCrossEntropy(torch.autograd.Function):
             part = weight[start:start + chunk]
             logits = _dense(hidden, part).float()                              # [N, chunk]
             if rows_of is None:
-                picked = logits.gather(1, targets[:, None])[:, 0]
+                inside = (targets >= start) & (targets < start + part.shape[0])
+                at = (targets - start).clamp(0, part.shape[0] - 1)
+                picked += torch.where(inside, logits.gather(1, at[:, None])[:, 0], 0.0)
             elif start // chunk in rows_of:
                 rows = torch.tensor(rows_of[start // chunk], device=device)
                 picked[rows] = logits[rows, targets[rows] - start]
@@ -362,7 +365,7 @@ class SupervisedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (unit,) = ctx.saved_tensors
-        return (unit * grad[:, None]).to(ctx.dtype), None, None, None
+        return (unit * grad[:, None]).to(ctx.dtype), None, None, None, None
 
 
 def supervised_losses(head, hidden, targets):
@@ -370,7 +373,7 @@ def supervised_losses(head, hidden, targets):
     if head.weight.requires_grad:
         return F.cross_entropy(head(hidden).float(), targets, reduction="none")
     weight = head.weight
-    chunk = weight.shape[0]
+    chunk = DEVICE_HEAD_CHUNK
     if hidden.device.type == "cpu":
         chunk = max(1, HEAD_CHUNK_BYTES // (weight.shape[1] * weight.element_size()))
     return SupervisedCrossEntropy.apply(hidden, weight, targets, chunk)

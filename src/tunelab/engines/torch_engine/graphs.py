@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 MAX_GRAPHS = 32     # recorded shapes kept; batches of other shapes run eagerly
-POSITION_FLOOR = 32  # smallest bucket step for positions and for supervised targets
+POSITION_FLOOR = 16  # smallest bucket step for positions and for supervised targets
 SWITCH = "TUNELAB_CUDA_GRAPHS"   # "0" turns recording off
 
 
