@@ -37,7 +37,7 @@ import torch.nn.functional as F
 FAMILIES = ("llama", "qwen2")
 HEAD_CHUNK_BYTES = 4_718_592   # output-layer weight a step on CPUs (2048 float32 or 4096 bfloat16 rows of
                                # SmolLM2's: stays in cache; 2-4x as much took 2-19% longer)
-DEVICE_HEAD_CHUNK = 16384     # output-layer rows a step on GPUs: logits [N, 16384], not [N, vocabulary]
+DEVICE_HEAD_CHUNK = 16384     # output-layer rows a chunk on GPUs: logits [N, 16384] at a time, not [N, vocabulary]
 ROW_BUCKET = 8      # float32 products on CPUs take a multiple of this many rows (see `_padding`)
 
 

@@ -32,13 +32,13 @@ SWITCH = "TUNELAB_CUDA_GRAPHS"   # "0" turns recording off
 
 
 def bucket(n, floor=POSITION_FLOOR):
-    """n rounded up to a multiple of max(floor, 2^(bits(n) - 4)): steps of at most 1/8 above 256."""
+    """n rounded up to a multiple of max(floor, 2^(bits(n) - 4)): from 128 on, at most an eighth more."""
     step = max(floor, 1 << max(0, n.bit_length() - 4))
     return -(-n // step) * step
 
 
 def layout(batch, total):
-    """A batch's step inputs as numpy arrays of fixed shapes, and the shapes' key.
+    """A batch's step inputs as numpy arrays {name: array} of fixed shapes.
 
     inputs [B, T'] token ids (0 past each row's end); for each target [N']: the place of the token
     before it in inputs flattened to [B * T'], its token id and its weight (1/total at supervised
