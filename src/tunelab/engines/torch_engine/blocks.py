@@ -17,8 +17,8 @@ position. The loss reads the last hidden state only at the supervised positions,
   PyTorch's own float32 products call MKL, which took 10-20% longer at a W1 row (~130 positions),
   5-14% at a W2 batch and 25% longer for the output layer at a few dozen positions on the AMD CPUs
   measured (bfloat16 products already use oneDNN). oneDNN builds a product for each exact shape,
-  so positions (and the top block's supervised rows) are padded with zeros to a multiple of 8
-  there (`_padding`);
+  so on a CPU, in float32 and in bfloat16, positions (and the top block's supervised rows) are
+  padded with zeros to a multiple of 8 (`_padding`);
 - LoRA layers that read the same input (q/k/v, gate/up) share one autograd function and one pass
   over the input for their low-rank products.
 
@@ -38,7 +38,7 @@ FAMILIES = ("llama", "qwen2")
 HEAD_CHUNK_BYTES = 4_718_592   # output-layer weight a step on CPUs (2048 float32 or 4096 bfloat16 rows of
                                # SmolLM2's: stays in cache; 2-4x as much took 2-19% longer)
 DEVICE_HEAD_CHUNK = 16384     # output-layer rows a chunk on GPUs: logits [N, 16384] at a time, not [N, vocabulary]
-ROW_BUCKET = 8      # float32 products on CPUs take a multiple of this many rows (see `_padding`)
+ROW_BUCKET = 8      # products on CPUs take a multiple of this many rows (see `_padding`)
 
 
 @functools.cache
@@ -68,14 +68,17 @@ def cap_onednn_caches(entries=256):
 
 def _padding(size, like):
     """Zero rows (or positions) to add to `size` of them so that `like`'s products see few distinct
-    shapes: on a CPU in float32, oneDNN builds each product for its exact shape (~0.5 ms and
-    ~0.6 MB of generated code each, kept in the capped caches), and every row length and supervised
-    count of a data set is a new shape. A multiple of ROW_BUCKET costs ~3% more rows at ~130 rows
-    and keeps the caches' hits. Added rows are zeros placed after the real ones, where no real
-    position reads them (causal attention, row-wise products), and their outputs are dropped.
+    shapes: on a CPU, oneDNN builds each float32 (through `_dense`) and bfloat16 product for its
+    exact shape (~0.5 ms and ~0.6 MB of generated code each, kept in its caches), and every row
+    length and supervised count of a data set is a new shape. A multiple of ROW_BUCKET costs ~3%
+    more rows at ~130 rows and keeps the caches' hits. In bfloat16, whose caches are not capped
+    (`cap_onednn_caches`), W2 without it kept building shapes all epoch: its resident memory grew
+    from 1.6 to 3.3 GB and its tokens/s fell by a quarter (to ~270 from ~380), where with it both
+    stay flat (2.3 GB, ~395 tokens/s). Added rows are zeros placed after the real ones, where no
+    real position reads them (causal attention, row-wise products), and their outputs are dropped.
     The output layer's two products per supervised count are not padded: at ~24 rows they are
     bound by their arithmetic, and 32 rows took 4-5 ms longer a step than 24 (float32, SmolLM2)."""
-    if like.device.type != "cpu" or like.dtype != torch.float32 or _onednn_linear() is None:
+    if like.device.type != "cpu" or (like.dtype == torch.float32 and _onednn_linear() is None):
         return 0
     return -size % ROW_BUCKET
 
