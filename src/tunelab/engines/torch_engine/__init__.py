@@ -221,11 +221,12 @@ def savings(m, rows, tokens):
     Also sets the frozen-prefix cache up for `tokens` tokens over `rows` rows."""
     from tunelab import models
 
+    recorded = _recordable(m)
     lean = ", forward and backward in one pass over the output weight" if m.lean else ""
-    if m.lean and not _recordable(m):
+    if m.lean and not recorded:
         lean += "; the top block's queries and MLP only there"
     lines = [f"output projection and loss only at supervised positions{lean}; no backward below the lowest adapted block"]
-    if _recordable(m):
+    if recorded:
         lines.append(f"CUDA graphs: each batch shape's step recorded once, then replayed in one launch (positions and "
                      f"targets padded to buckets of {graphs.POSITION_FLOOR} or more, up to {graphs.MAX_GRAPHS} "
                      f"shapes; {graphs.SWITCH}=0 turns this off)")
@@ -339,12 +340,17 @@ def fill_prefix(m, batches):
     is full. (On 2 CPU cores at ~125-token rows this takes as long as filling it during the first
     epoch, ~0.14 s a row in float32: one row is already enough work there. Steps then all cost the
     same, so the progress bar's estimate holds from the start.)"""
-    body, _ = _causal_lm(m)
     for batch in batches:
         if m.prefix.full:
             break
-        tokens = torch.from_numpy(batch.tokens[:, :-1]).to(m.device)
-        _prefix_hidden(m, body, batch, tokens, torch.from_numpy(batch.attention_mask[:, :-1]).to(m.device))
+        _batch_prefix(m, batch)
+
+
+def _batch_prefix(m, batch):
+    """`_prefix_hidden` of a numpy batch's inputs (every position but the last)."""
+    body, _ = _causal_lm(m)
+    return _prefix_hidden(m, body, batch, torch.from_numpy(batch.tokens[:, :-1]).to(m.device),
+                          torch.from_numpy(batch.attention_mask[:, :-1]).to(m.device))
 
 
 def _token_losses(m, batch):
@@ -402,11 +408,9 @@ def _replayed_loss(m, replays, batch, total):
     must exist); returns its summed loss divided by `total`, as a scalar tensor."""
     values = graphs.layout(batch, total)
     if m.prefix is not None:   # the frozen blocks' output, from the cache or computed now, as the input
-        body, _ = _causal_lm(m)
         inputs = values.pop("inputs")
         width = batch.tokens.shape[1] - 1
-        hidden = _prefix_hidden(m, body, batch, torch.from_numpy(batch.tokens[:, :-1]).to(m.device),
-                                torch.from_numpy(batch.attention_mask[:, :-1]).to(m.device))
+        hidden = _batch_prefix(m, batch)
         values["start"] = hidden.new_zeros(inputs.shape + hidden.shape[2:])
         values["start"][:, :width] = hidden
     return replays.run(values, lambda buffers: _padded_loss(m, buffers), m.device)

@@ -338,8 +338,12 @@ class SupervisedCrossEntropy(torch.autograd.Function):
         total = torch.zeros((size, 1), device=device)
         picked = torch.zeros(size, device=device)
         weighted = torch.zeros((size, hidden.shape[1]), device=device) if wanted else None
-        rows_of = None       # chunk -> rows whose target lies in it, on a CPU; elsewhere (no wait for
-        if device.type == "cpu" if on_host is None else on_host:   # the device) gathered at every target, masked
+        # chunk -> rows whose target lies in it, listed on the host (CPUs); elsewhere each chunk's
+        # logits are gathered at every target, masked (no wait for the device)
+        rows_of = None
+        if on_host is None:
+            on_host = device.type == "cpu"
+        if on_host:
             rows_of = {}
             for row, target in enumerate(targets.tolist()):
                 rows_of.setdefault(target // chunk, []).append(row)
