@@ -352,3 +352,32 @@ def test_on_glibc_freed_buffers_come_back_without_page_faults(monkeypatch):
     assert kept == returned == "True" and without > 5000 and with_it < without / 20, (with_it, without)
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")                  # the user's own setting wins
     assert engine.keep_freed_memory() is False
+
+
+def test_every_module_is_in_the_mode_of_the_last_call(tiny_model, tmp_path):
+    """train_step puts every module in training mode and eval_loss every one in eval mode, even
+    though a repeated mode is not set again, and LoRA dropout is live in training steps only."""
+    model = load(tiny_model)
+    spec = adapters.spec_for(1, 2, 4, 2.0, 0.5)
+    engine.attach_lora(model, spec)                        # PEFT's new layers start in training mode
+    gen = np.random.default_rng(0)                         # B != 0, so that dropout changes the output
+    engine.set_adapter(model, spec, {m: (a, gen.standard_normal(b.shape).astype(np.float32))
+                                     for m, (a, b) in engine.adapter_tensors(model).items()})
+    batch = batch_for(model)
+
+    def modes():
+        return {module.training for module in model.model.modules()}
+
+    optimizer = engine.make_optimizer(model, 0.0)
+    assert modes() == {True, False}
+    for calls in range(2):
+        engine.train_step(model, optimizer, batch)
+        assert modes() == {True}
+    first, second = engine.eval_loss(model, batch)[0], engine.eval_loss(model, batch)[0]
+    assert modes() == {False}
+    np.testing.assert_array_equal(first, second)           # no dropout in evaluation
+    losses = {engine.train_step(model, optimizer, batch).loss for _ in range(3)}
+    assert modes() == {True} and len(losses) == 3          # dropout draws differ at learning rate 0
+    engine.fuse(model, tmp_path / "fused")
+    engine.eval_loss(model, batch)
+    assert modes() == {False}
