@@ -15,7 +15,7 @@ from tests.engines.test_torch_engine import ROWS, with_adapter
 
 OTHER_ROWS = [{"messages": [{"role": "system", "content": "CREATE TABLE uv (c INTEGER, d VARCHAR)"},
                             {"role": "user", "content": f"What is c when d is {w}?"},
-                            {"role": "assistant", "content": f"SELECT c FROM u WHERE d = '{w}'"}]}
+                            {"role": "assistant", "content": f"SELECT c FROM uv WHERE d = '{w}'"}]}
               for w in ("p", "qq", "rrr long valve")]
 
 

@@ -370,7 +370,7 @@ def test_every_module_is_in_the_mode_of_the_last_call(tiny_model, tmp_path):
 
     optimizer = engine.make_optimizer(model, 0.0)
     assert modes() == {True, False}
-    for calls in range(2):
+    for _ in range(2):
         engine.train_step(model, optimizer, batch)
         assert modes() == {True}
     first, second = engine.eval_loss(model, batch)[0], engine.eval_loss(model, batch)[0]

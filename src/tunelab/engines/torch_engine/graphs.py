@@ -3,8 +3,8 @@
 On a GPU a small model's training step is bound by launching its kernels, not by running
 them: W2 (a Qwen2.5-0.5B-shaped model, batch 4, LoRA on all 24 blocks) took ~0.2 s a step on an
 H100 for ~1 TFLOP of work, the time Python and PyTorch take to issue thousands of small kernels
-one by one (0.22 s without graphs on an H200, 0.055-0.067 s with them). A CUDA graph records a step's kernels once and launches them all with one
-call.
+one by one (0.22 s without graphs on an H200, 0.055-0.067 s with them). A CUDA graph records a
+step's kernels once and launches them all with one call.
 
 A graph replays fixed shapes at fixed addresses, so each batch is laid out in fixed shapes
 (`layout`): positions padded to a bucket (`bucket`), the supervised targets padded to a bucket
