@@ -232,6 +232,12 @@ def savings(m, rows, tokens):
         lines.append(f"CUDA graphs: each batch shape's step recorded once, then replayed in one launch (positions and "
                      f"targets padded to buckets of {graphs.POSITION_FLOOR} or more, up to {graphs.MAX_GRAPHS} "
                      f"shapes; {graphs.SWITCH}=0 turns this off)")
+    first = 0 if m.prefix is None else m.prefix.first
+    packed, packed_blocks, head = blocks.plan_packing(_base_lm(m), first) if m.lean else (0, 0, False)
+    if packed:
+        also = " and the output layer's" if head else ""
+        lines.append(f"frozen weights of the top {packed_blocks} adapted block(s){also} laid out once for the CPU's "
+                     f"matrix products, not at every product ({packed / 1e6:,.0f} MB at most)")
     if m.prefix is not None:
         need = tokens * _base_lm(m).config.hidden_size * torch.empty((), dtype=m.dtype).element_size()
         on_disk = m.prefix.plan(need, models.cache_dir() / "prefix-cache")
