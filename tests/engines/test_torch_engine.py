@@ -133,12 +133,22 @@ def test_prefix_cache_spills_to_disk_past_its_memory_budget(tiny_model, tmp_path
     np.testing.assert_allclose(engine.eval_loss(model, batch)[0], expected, rtol=1e-6)
 
 
-def losses_and_gradients(folder, lean, dtype="float32", num_layers=2, dora=False, mask_prompt=True):
-    """Per-token losses and every trained tensor's gradient for one batch of rows of three lengths."""
+def losses_and_gradients(folder, lean, dtype="float32", num_layers=2, dora=False, mask_prompt=True, packed=False):
+    """Per-token losses and every trained tensor's gradient for one batch of rows of three lengths;
+    packed: the adapted blocks' and the output layer's frozen weights laid out for oneDNN."""
+    from tunelab.engines.torch_engine import blocks
+
     model, _ = with_adapter(folder, dtype=dtype, num_layers=num_layers, dora=dora)
     assert model.lean
     model.lean = lean
+    if packed:
+        assert blocks.plan_packing(engine._base_lm(model), 0 if model.prefix is None else model.prefix.first)[2]
     losses, rows = engine._token_losses(model, batch_for(model, mask_prompt))
+    if packed:   # the output layer's chunks and each adapted block's products went through the layouts
+        lm = engine._base_lm(model)
+        assert len(blocks._PACKED[lm.lm_head.weight][1]) >= 2
+        assert all(module.weight in blocks._PACKED for layer in list(lm.model.layers)[-num_layers:]
+                   for module in layer.modules() if type(module) is torch.nn.Linear and not module.weight.requires_grad)
     losses.sum().backward()
     grads = {n: p.grad.float().numpy() for n, p in model.model.named_parameters() if p.requires_grad}
     return losses.detach().float().numpy(), rows.numpy(), grads
@@ -157,6 +167,19 @@ def test_lean_blocks_give_transformers_losses_and_gradients(tiny_model, num_laye
     for name, grad in plain[2].items():
         assert np.abs(grad).max() > 0, name
         np.testing.assert_allclose(lean[2][name], grad, rtol=1e-4, atol=1e-5 * np.abs(grad).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_weights_laid_out_for_onednn_give_transformers_losses_and_gradients(tiny_model, num_layers):
+    from tunelab.engines.torch_engine import blocks
+
+    if blocks._packing(torch.float32) is None:
+        pytest.skip("no oneDNN weight layout here")
+    packed = losses_and_gradients(tiny_model, True, num_layers=num_layers, packed=True)
+    plain = losses_and_gradients(tiny_model, False, num_layers=num_layers)
+    np.testing.assert_allclose(packed[0], plain[0], rtol=1e-5)
+    for name, grad in plain[2].items():
+        np.testing.assert_allclose(packed[2][name], grad, rtol=1e-4, atol=1e-5 * np.abs(grad).max(), err_msg=name)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("bfloat16", 1e-3)])
@@ -307,6 +330,68 @@ def test_frozen_products_equal_torch_linear():
     assert tracked.grad_fn is not None
     layer.bias.requires_grad_(True)                      # a trained bias on a frozen weight
     assert blocks._project(layer, x).grad_fn is not None
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_weights_laid_out_for_onednn_give_the_same_products_and_follow_changes(dtype, tolerance):
+    """A chosen frozen weight is read in oneDNN's layout, one layout a view (W, W^T, rows of W),
+    made once; a change to the weight in place lays it out again; a weight not chosen is not."""
+    from tunelab.engines.torch_engine import blocks
+
+    if blocks._packing(dtype) is None:
+        assert dtype == torch.bfloat16 or platform.machine() not in ("x86_64", "AMD64") or not torch.backends.mkldnn.is_available()
+        pytest.skip(f"no oneDNN weight layout for {dtype} here")
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(40, 24, generator=gen).to(dtype), torch.randn(40, generator=gen).to(dtype)
+    x, grad = torch.randn(2, 5, 24, generator=gen).to(dtype), torch.randn(7, 40, generator=gen).to(dtype)
+    assert blocks._packed(weight) is None and blocks._packed(weight.t()) is None
+
+    def products():
+        return [blocks._dense(x, weight, bias), blocks._dense(grad, weight.t()), blocks._dense(x, weight[8:16]),
+                blocks._dense(x, weight[16:24])]      # rows of one shape at another place: their own layout
+
+    def expected():
+        plain = weight.float()
+        return [F.linear(x.float(), plain, bias.float()), grad.float() @ plain, F.linear(x.float(), plain[8:16]),
+                F.linear(x.float(), plain[16:24])]
+
+    blocks._PACKABLE[weight] = True
+    for ours, theirs in zip(products(), expected()):
+        torch.testing.assert_close(ours.float(), theirs, rtol=tolerance, atol=tolerance * theirs.abs().max())
+    assert len(blocks._PACKED[weight][1]) == 4
+    assert blocks._packed(weight.t()) is blocks._packed(weight.t())
+    with torch.no_grad():
+        weight[3:9] *= -2
+    for ours, theirs in zip(products(), expected()):
+        torch.testing.assert_close(ours.float(), theirs, rtol=tolerance, atol=tolerance * theirs.abs().max())
+
+
+def test_packing_takes_whole_blocks_from_the_top_then_the_output_layer_within_its_budget(tiny_model):
+    from tunelab.engines.torch_engine import blocks
+
+    if blocks._packing(torch.float32) is None:
+        pytest.skip("no oneDNN weight layout here")
+
+    def chosen(budget):
+        model, _ = with_adapter(tiny_model, num_layers=2)
+        lm = engine._base_lm(model)
+        layers = list(lm.model.layers)
+        result = blocks.plan_packing(lm, 0, budget)
+        frozen = [[module.weight for module in layer.modules()
+                   if type(module) is torch.nn.Linear and not module.weight.requires_grad] for layer in layers]
+        sizes = [2 * sum(w.nbytes for w in weights) for weights in frozen]
+        assert all(all(w in blocks._PACKABLE for w in weights) or not any(w in blocks._PACKABLE for w in weights)
+                   for weights in frozen)
+        marked = [all(w in blocks._PACKABLE for w in weights) for weights in frozen]
+        return result, marked, lm.lm_head.weight in blocks._PACKABLE, sizes, 2 * lm.lm_head.weight.nbytes
+
+    *_, sizes, head = chosen(0)
+    assert chosen(0)[:3] == ((0, 0, False), [False, False], False)
+    assert chosen(sizes[1])[:3] == ((sizes[1], 1, False), [False, True], False)
+    assert chosen(sum(sizes) + head - 1)[:3] == ((sum(sizes), 2, False), [True, True], False)
+    assert chosen(sum(sizes) + head)[:3] == ((sum(sizes) + head, 2, True), [True, True], True)
+    model, _ = with_adapter(tiny_model, num_layers=1)
+    assert any("top 1 adapted block(s) and the output layer's" in line for line in engine.savings(model, 3, 300))
 
 
 def test_float32_on_a_cpu_caps_onednn_caches_unless_the_user_set_them(tiny_model, monkeypatch):

@@ -19,6 +19,9 @@ position. The loss reads the last hidden state only at the supervised positions,
   measured (bfloat16 products already use oneDNN). oneDNN builds a product for each exact shape,
   so on a CPU, in float32 and in bfloat16, positions (and the top block's supervised rows) are
   padded with zeros to a multiple of 8 (`_padding`);
+- on a CPU, the frozen weights of the adapted blocks and the output layer, read at every step, are
+  laid out once in oneDNN's own order for its products (`plan_packing`, `_packed`), within a memory
+  budget, instead of being rearranged by every product;
 - LoRA layers that read the same input (q/k/v, gate/up) share one autograd function and one pass
   over the input for their low-rank products.
 
