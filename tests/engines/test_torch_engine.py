@@ -71,6 +71,20 @@ def test_fused_folder_equals_base_plus_adapter(tiny_model, tmp_path):
     assert not any(tmp_path.glob("*.bin"))
 
 
+def test_after_fuse_the_loss_reads_the_merged_weights_not_their_old_layouts(tiny_model, tmp_path):
+    """The blocks' and output layer's weights laid out for oneDNN during training: fuse merges into
+    those weights through `.data` (no version change), and the loss afterwards is the fused folder's."""
+    model, _ = with_adapter(tiny_model)
+    engine.savings(model, 3, 300)
+    batch = batch_for(model)
+    before, _ = engine.eval_loss(model, batch)
+    engine.fuse(model, tmp_path)
+    after, _ = engine.eval_loss(model, batch)
+    expected, _ = engine.eval_loss(load(tmp_path), batch)
+    np.testing.assert_allclose(after, expected, rtol=1e-5)
+    assert not np.allclose(before, engine.eval_loss(load(tiny_model), batch)[0], rtol=1e-3)   # the adapter mattered
+
+
 def test_generation_stops_at_a_stop_token(tiny_model):
     model = load(tiny_model)
     prompt = model.tokenizer.encode("SELECT a", add_special_tokens=False)

@@ -559,6 +559,7 @@ def _pick(scores, temp, top_p, gen):
 
 def fuse(m, save_dir):
     """Merge the adapters into the weights and save an HF folder (safetensors + tokenizer)."""
+    blocks.forget_packing(m.model)       # the merge adds to the frozen weights behind their versions' back
     merged = m.model.merge_and_unload() if hasattr(m.model, "merge_and_unload") else m.model
     merged.save_pretrained(str(save_dir), safe_serialization=True)
     m.tokenizer.save_pretrained(str(save_dir))

@@ -142,6 +142,14 @@ def plan_packing(lm, first, budget=PACKED_BUDGET):
     return used, blocks, whole_head
 
 
+def forget_packing(module):
+    """Drop the layouts of `module`'s weights and their choice: for weights about to change in a way
+    `_packed` does not see (PEFT's merge adds to `weight.data`, which leaves the version as it was)."""
+    for param in module.parameters():
+        _PACKABLE.pop(param, None)
+        _PACKED.pop(param, None)
+
+
 @functools.cache
 def _packing(dtype):
     """oneDNN's weight reorder for linear products in `dtype` on this CPU, where it gives F.linear's
@@ -167,7 +175,8 @@ def _packed(weight):
     kernel reads, a product skips rearranging it at every call: on the 2-core AMD CPU measured,
     the output layer's chunks at 24 rows took 288-300 us instead of 375-381 (bfloat16) and 533-576
     instead of 701-729 (float32), block products at 136 rows 5-25% less. Costs one copy of each
-    weight so kept, for each way it is read (W forward, W^T for the input gradient)."""
+    weight so kept, for each way it is read (W forward, W^T for the input gradient). A change in
+    place is seen through the tensor's version, one through `.data` is not (`forget_packing`)."""
     reorder = _packing(weight.dtype)
     base = weight if weight._base is None else weight._base
     if reorder is None or base not in _PACKABLE:
