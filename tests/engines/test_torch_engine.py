@@ -156,7 +156,7 @@ def losses_and_gradients(folder, lean, dtype="float32", num_layers=2, dora=False
     assert model.lean
     model.lean = lean
     if packed:
-        assert blocks.plan_packing(engine._base_lm(model), 0 if model.prefix is None else model.prefix.first)[2]
+        assert blocks.plan_packing(engine._base_lm(model), engine._first_computed(model))[2]
     losses, rows = engine._token_losses(model, batch_for(model, mask_prompt))
     if packed:   # the output layer's chunks and each adapted block's products went through the layouts
         lm = engine._base_lm(model)

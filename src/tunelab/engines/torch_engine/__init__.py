@@ -232,7 +232,7 @@ def savings(m, rows, tokens):
         lines.append(f"CUDA graphs: each batch shape's step recorded once, then replayed in one launch (positions and "
                      f"targets padded to buckets of {graphs.POSITION_FLOOR} or more, up to {graphs.MAX_GRAPHS} "
                      f"shapes; {graphs.SWITCH}=0 turns this off)")
-    first = 0 if m.prefix is None else m.prefix.first
+    first = _first_computed(m)
     packed, packed_blocks, head = blocks.plan_packing(_base_lm(m), first) if m.lean else (0, 0, False)
     if packed:
         also = " and the output layer's" if head else ""
@@ -294,6 +294,12 @@ def make_optimizer(m, learning_rate):
         return torch.optim.Adam(params, lr=learning_rate, fused=True)
     except RuntimeError:
         return torch.optim.Adam(params, lr=learning_rate)
+
+
+def _first_computed(m):
+    """Index of the lowest block a step computes: the lowest adapted one when the blocks below it
+    come from the frozen-prefix cache, else 0."""
+    return 0 if m.prefix is None else m.prefix.first
 
 
 def _base_lm(m):
@@ -368,7 +374,7 @@ def _token_losses(m, batch):
     targeted = torch.from_numpy(batch.supervised[:, 1:]).to(m.device)   # [B, T-1]
     body, head = _causal_lm(m)
     inputs, mask = tokens[:, :-1], attention[:, :-1]
-    first = 0 if m.prefix is None else m.prefix.first
+    first = _first_computed(m)
     start = _prefix_hidden(m, body, batch, inputs, mask) if m.prefix is not None else None
     targets = tokens[:, 1:][targeted]
     if m.lean:
@@ -402,7 +408,7 @@ def _padded_loss(m, buffers):
     """The step of graphs.layout's fixed shapes: every block at every position, the loss at the
     listed targets, weighted; backward into the .grad tensors. Returns the weighted loss."""
     body, head = _causal_lm(m)
-    first = 0 if m.prefix is None else m.prefix.first
+    first = _first_computed(m)
     hidden = buffers["start"] if "start" in buffers else body.embed_tokens(buffers["inputs"])
     hidden = blocks.run_blocks(body, slice(first, None), hidden)
     picked = body.norm(hidden.flatten(0, 1).index_select(0, buffers["places"]))   # (index_select: no sync on GPUs)
