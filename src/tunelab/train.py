@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tunelab import adapters, engines, evaluate, models, runs
-from tunelab.data.batching import eval_batches, training_batches
+from tunelab.data.batching import common_start, eval_batches, training_batches
 from tunelab.data.formats import quarantine, read_rows, scan_rows
 from tunelab.data.templates import encode_rows, set_chat_template
 from tunelab.errors import UserError
@@ -85,7 +85,8 @@ def _progress_text(step, loss, val_loss, tokens_per_s, peak):
     return ", ".join(parts)
 
 
-FILL_ROWS = 8   # rows a batch when the frozen-prefix cache is filled ahead of training
+FILL_TOKENS = 4096   # positions a batch (rows times the longest row) when the frozen-prefix cache is filled
+                     # ahead of training: rows that begin alike compute that beginning once a batch
 
 
 def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print):
@@ -108,9 +109,10 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print):
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     rows_seen = opts.iters * opts.batch_size * opts.grad_accumulation_steps
     if model.prefix is not None and rows_seen >= len(train_set):
-        # Every row comes back: run the frozen blocks over all of them first, FILL_ROWS rows a batch,
-        # with a progress bar of its own (this time counts in the first report's speed).
-        groups = list(eval_batches(train_set, FILL_ROWS))
+        # Every row comes back: run the frozen blocks over all of them first, FILL_TOKENS positions a
+        # batch, with a progress bar of its own (this time counts in the first report's speed).
+        longest = max(len(ex.tokens) for ex in train_set)
+        groups = list(eval_batches(train_set, max(1, FILL_TOKENS // longest)))
         engine.fill_prefix(model, tqdm(groups, desc="Frozen blocks, once per row", unit="batch", leave=False,
                                        dynamic_ncols=True, disable=None))
     last_loss, tokens_per_s = None, 0.0
@@ -180,7 +182,7 @@ def lora(opts, log=print):
             f"{spec.num_layers} blocks; {len(train_set)} rows, {tokens} tokens, "
             f"{100 * supervised / tokens:.0f}% supervised")
         for line in engine.savings(model, len(train_set) + len(valid_set),
-                                   tokens + sum(len(ex.tokens) for ex in valid_set)):
+                                   tokens + sum(len(ex.tokens) for ex in valid_set), common_start(train_set)):
             log(f"Saving: {line}")
         train_loop(engine, model, train_set, valid_set, opts, run_dir, log=log)
     if opts.test:

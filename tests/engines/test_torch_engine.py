@@ -26,8 +26,8 @@ def load(folder):
     return engine.load(folder, device="cpu", dtype="float32", log=lambda *_: None)
 
 
-def batch_for(model, mask_prompt=True):
-    return collate([encode_row(model.tokenizer, r, "chat", mask_prompt) for r in ROWS])
+def batch_for(model, mask_prompt=True, rows=ROWS):
+    return collate([encode_row(model.tokenizer, r, "chat", mask_prompt) for r in rows])
 
 
 def with_adapter(folder, seed=0, randomize_b=True, dtype="float32", num_layers=1, dora=False):
@@ -147,9 +147,11 @@ def test_prefix_cache_spills_to_disk_past_its_memory_budget(tiny_model, tmp_path
     np.testing.assert_allclose(engine.eval_loss(model, batch)[0], expected, rtol=1e-6)
 
 
-def losses_and_gradients(folder, lean, dtype="float32", num_layers=2, dora=False, mask_prompt=True, packed=False):
-    """Per-token losses and every trained tensor's gradient for one batch of rows of three lengths;
-    packed: the adapted blocks' and the output layer's frozen weights laid out for oneDNN."""
+def losses_and_gradients(folder, lean, dtype="float32", num_layers=2, dora=False, mask_prompt=True, packed=False,
+                         rows=ROWS):
+    """Per-token losses and every trained tensor's gradient for one batch of rows (ROWS: three lengths,
+    the same first 38 positions); packed: the adapted blocks' and the output layer's frozen weights
+    laid out for oneDNN."""
     from tunelab.engines.torch_engine import blocks
 
     model, _ = with_adapter(folder, dtype=dtype, num_layers=num_layers, dora=dora)
@@ -157,7 +159,7 @@ def losses_and_gradients(folder, lean, dtype="float32", num_layers=2, dora=False
     model.lean = lean
     if packed:
         assert blocks.plan_packing(engine._base_lm(model), engine._first_computed(model))[2]
-    losses, rows = engine._token_losses(model, batch_for(model, mask_prompt))
+    losses, rows = engine._token_losses(model, batch_for(model, mask_prompt, rows))
     if packed:   # the output layer's chunks and each adapted block's products went through the layouts
         lm = engine._base_lm(model)
         assert len(blocks._PACKED[lm.lm_head.weight][1]) >= 2
@@ -168,12 +170,27 @@ def losses_and_gradients(folder, lean, dtype="float32", num_layers=2, dora=False
     return losses.detach().float().numpy(), rows.numpy(), grads
 
 
+@pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("num_layers,dora,mask_prompt", [(1, False, True), (2, False, True), (2, False, False),
                                                          (2, True, True)])
-def test_lean_blocks_give_transformers_losses_and_gradients(tiny_model, num_layers, dora, mask_prompt):
+def test_lean_blocks_give_transformers_losses_and_gradients(tiny_model, monkeypatch, num_layers, dora, mask_prompt,
+                                                            shared):
     """blocks.py (top block at supervised positions only, head loss as one function) against the plain
-    forward of transformers: one adapted block (frozen-prefix cache) or both, LoRA and DoRA, padded rows."""
+    forward of transformers: one adapted block (frozen-prefix cache) or both, LoRA and DoRA, padded
+    rows; the rows' common first positions computed once, or in every row. Without mask_prompt the
+    shared positions are supervised too, the last of them against a different target in each row."""
+    from tunelab.engines.torch_engine import blocks
+
+    batch = batch_for(load(tiny_model), mask_prompt)
+    common = blocks.shared_length(batch.tokens[:, :-1], batch.lengths - 1)
+    assert common == 38 and batch.supervised[:, 1:common + 1].any() != mask_prompt
+    if not shared:
+        monkeypatch.setattr(blocks, "SHARED_MIN", 10**9)
+    taken = []
+    pack = blocks._pack
+    monkeypatch.setattr(blocks, "_pack", lambda hidden, common: taken.append(common) or pack(hidden, common))
     lean = losses_and_gradients(tiny_model, True, num_layers=num_layers, dora=dora, mask_prompt=mask_prompt)
+    assert taken == ([38] * (3 - num_layers) if shared else [])   # the prefix fill and the loss, or the loss
     plain = losses_and_gradients(tiny_model, False, num_layers=num_layers, dora=dora, mask_prompt=mask_prompt)
     np.testing.assert_allclose(lean[0], plain[0], rtol=1e-5)
     np.testing.assert_array_equal(lean[1], plain[1])
@@ -221,6 +238,64 @@ def test_products_on_a_cpu_take_whole_buckets_of_rows_and_the_same_values(tiny_m
     for name, grad in plain[2].items():
         np.testing.assert_allclose(padded[2][name], grad, rtol=tolerance, atol=tolerance / 10 * np.abs(grad).max(),
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("mask_prompt", [True, False])
+def test_identical_rows_share_all_but_their_last_position_and_give_transformers_losses(tiny_model, mask_prompt):
+    from tunelab.engines.torch_engine import blocks
+
+    rows = [ROWS[2], ROWS[2], ROWS[1]]   # the same row twice: its own positions are all in common with itself
+    batch = batch_for(load(tiny_model), mask_prompt, rows[:2])
+    assert blocks.shared_length(batch.tokens[:, :-1], batch.lengths - 1) == batch.lengths[0] - 2
+    for batch_rows in (rows[:2], rows):
+        lean = losses_and_gradients(tiny_model, True, mask_prompt=mask_prompt, rows=batch_rows)
+        plain = losses_and_gradients(tiny_model, False, mask_prompt=mask_prompt, rows=batch_rows)
+        np.testing.assert_allclose(lean[0], plain[0], rtol=1e-5)
+        for name, grad in plain[2].items():
+            np.testing.assert_allclose(lean[2][name], grad, rtol=1e-4, atol=1e-5 * np.abs(grad).max(), err_msg=name)
+
+
+def test_shared_length_counts_the_first_positions_every_row_has(monkeypatch):
+    from tunelab.engines.torch_engine import blocks
+
+    monkeypatch.setattr(blocks, "SHARED_MIN", 3)
+    tokens = np.array([[5, 6, 7, 8, 9, 1, 2], [5, 6, 7, 8, 4, 0, 0], [5, 6, 7, 8, 9, 3, 0]])
+    assert blocks.shared_length(tokens, np.array([7, 5, 6])) == 4
+    assert blocks.shared_length(tokens[[0, 2]], np.array([7, 6])) == 5
+    assert blocks.shared_length(tokens[[0, 0]], np.array([7, 7])) == 6       # each row keeps a position of its own
+    assert blocks.shared_length(tokens[[0, 2]], np.array([7, 4])) == 3       # padding is not a common position
+    assert blocks.shared_length(tokens[[0, 2]], np.array([7, 3])) == 0       # fewer than SHARED_MIN
+    assert blocks.shared_length(tokens[:1], np.array([7])) == 0              # one row
+    assert blocks.shared_length(np.array([[1, 6, 7, 8], [5, 6, 7, 8]]), np.array([4, 4])) == 0
+
+
+def test_blocks_over_rows_with_a_shared_start_equal_each_row_computed_alone(tiny_model):
+    """`run_blocks` (the frozen-prefix fill) with the common first positions computed once: every
+    row's real positions as when it runs alone."""
+    from tunelab.engines.torch_engine import blocks
+
+    body = load(tiny_model).model.model
+    gen = torch.Generator().manual_seed(0)
+    lengths = [21, 13, 17]
+    hidden = torch.randn(3, 21, body.config.hidden_size, generator=gen)
+    hidden[1:, :11] = hidden[0, :11]
+    with torch.no_grad():
+        shared = blocks.run_blocks(body, slice(0, 2), hidden, shared=11)
+        for row, size in enumerate(lengths):
+            alone = blocks.run_blocks(body, slice(0, 2), hidden[row:row + 1, :size])
+            torch.testing.assert_close(shared[row, :size], alone[0], rtol=1e-5, atol=1e-5 * float(alone.abs().max()))
+    assert shared.shape == hidden.shape
+
+
+def test_savings_name_the_first_tokens_every_row_has_when_they_are_computed_once(tiny_model):
+    from tunelab.engines.torch_engine import blocks
+
+    model, _ = with_adapter(tiny_model, num_layers=2)
+    line = f"the first {blocks.SHARED_MIN} tokens, the same in every row, computed once per batch of rows"
+    assert any(text.startswith(line) for text in engine.savings(model, 3, 300, blocks.SHARED_MIN))
+    assert not any("the same in every row" in text for text in engine.savings(model, 3, 300, blocks.SHARED_MIN - 1))
+    model.lean = False      # transformers' own forward computes every row whole
+    assert not any("the same in every row" in text for text in engine.savings(model, 3, 300, 40))
 
 
 def test_lean_blocks_in_bfloat16_stay_near_the_plain_forward(tiny_model):

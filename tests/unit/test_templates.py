@@ -1,6 +1,6 @@
 import pytest
 
-from tunelab.data.batching import collate, eval_batches, training_batches
+from tunelab.data.batching import collate, common_start, eval_batches, training_batches
 from tunelab.data.templates import encode_row, encode_rows
 from tunelab.errors import UserError
 
@@ -65,3 +65,18 @@ def test_batches_pad_without_supervising_padding(tiny_tokenizer):
     assert sum(b.tokens.shape[0] for b in eval_batches(examples * 3, 4)) == 6
     stream = training_batches(examples * 3, 2, seed=0)
     assert sum(next(stream).tokens.shape[0] for _ in range(6)) == 12
+
+
+def test_common_start_counts_the_tokens_every_example_begins_with(tiny_tokenizer):
+    rows = [dict(ROW, messages=[dict(ROW["messages"][0])] + ROW["messages"][1:]) for _ in range(3)]
+    rows[1]["messages"][-1] = {"role": "assistant", "content": "SELECT 2"}
+    rows[2]["messages"][0]["content"] += " and more"
+    examples = [encode_row(tiny_tokenizer, r, "chat", True) for r in rows]
+    system = tiny_tokenizer.apply_chat_template(rows[0]["messages"][:1], tokenize=False)
+    assert 0 < common_start(examples) <= len(tiny_tokenizer(system)["input_ids"])
+    assert common_start(examples[:2]) > common_start(examples)
+    assert common_start(examples[:1]) == len(examples[0].tokens)
+    assert all((ex.tokens[:common_start(examples)] == examples[0].tokens[:common_start(examples)]).all()
+               for ex in examples)
+    assert len({int(ex.tokens[common_start(examples)]) for ex in examples
+                if len(ex.tokens) > common_start(examples)}) > 1

@@ -25,6 +25,17 @@ class Batch:
         return int(self.supervised.sum())
 
 
+def common_start(examples):
+    """How many tokens every example begins with (a fixed system prompt, say)."""
+    first = examples[0].tokens
+    common = len(first)
+    for ex in examples[1:]:
+        size = min(common, len(ex.tokens))
+        differ = np.flatnonzero(np.asarray(ex.tokens[:size]) != np.asarray(first[:size]))
+        common = int(differ[0]) if len(differ) else size
+    return common
+
+
 def collate(examples, keys=None):
     width = max(len(ex.tokens) for ex in examples)
     tokens = np.zeros((len(examples), width), dtype=np.int64)

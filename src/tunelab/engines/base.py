@@ -9,7 +9,8 @@ An engine is a module with these functions (`Model` is the engine's own handle):
   attach_lora(model, spec, seed)                      fresh adapters (A random, B zero)
   set_adapter(model, spec, tensors)                   adapters from numpy tensors (adapters.load)
   adapter_tensors(model) -> {module: (A, B)}          numpy copies, for adapters.save
-  savings(model, rows, tokens) -> [str]               what the training step saves, and its memory cost
+  savings(model, rows, tokens, common) -> [str]       what the training step saves, and its memory cost
+                                                      (common: tokens every training row begins with)
   fill_prefix(model, batches)                         when model.prefix (the frozen-prefix cache) is not
                                                       None: compute the cached rows of these batches now,
                                                       many rows at a time, until the cache is full

@@ -261,7 +261,7 @@ def adapter_tensors(m):
     return {module: arrays(layer) for module, layer in _lora_modules(m).items()}
 
 
-def savings(m, rows, tokens):
+def savings(m, rows, tokens, common=0):
     lines = ["output projection and loss only at supervised positions; no backward below the lowest adapted block"]
     if m.prefix is not None:
         need = tokens * m.model.args.hidden_size * m.dtype.size

@@ -218,9 +218,10 @@ def attach_lora(m, spec, seed=0):
         m.prefix = PrefixCache(first)
 
 
-def savings(m, rows, tokens):
+def savings(m, rows, tokens, common=0):
     """What the training step saves, and what that costs in memory and disk, in lines for the user.
-    Also sets the frozen-prefix cache up for `tokens` tokens over `rows` rows."""
+    Also sets the frozen-prefix cache up for `tokens` tokens over `rows` rows; `common`: tokens every
+    training row begins with."""
     from tunelab import models
 
     recorded = _recordable(m)
@@ -232,6 +233,9 @@ def savings(m, rows, tokens):
         lines.append(f"CUDA graphs: each batch shape's step recorded once, then replayed in one launch (positions and "
                      f"targets padded to buckets of {graphs.POSITION_FLOOR} or more, up to {graphs.MAX_GRAPHS} "
                      f"shapes; {graphs.SWITCH}=0 turns this off)")
+    if m.lean and common >= blocks.SHARED_MIN:
+        lines.append(f"the first {common} tokens, the same in every row, computed once per batch of rows, "
+                     f"not once per row")
     first = _first_computed(m)
     packed, packed_blocks, head = blocks.plan_packing(_base_lm(m), first) if m.lean else (0, 0, False)
     if packed:
@@ -332,7 +336,7 @@ def _prefix_hidden(m, body, batch, tokens, attention):
     if keys is None or any(k not in cache for k in keys):
         with torch.no_grad():
             if m.lean:
-                hidden = blocks.run_blocks(body, slice(0, cache.first), body.embed_tokens(tokens))
+                hidden = blocks.run_blocks(body, slice(0, cache.first), body.embed_tokens(tokens), _shared(batch))
             else:
                 with _only_blocks(body, slice(0, cache.first), final_norm=False):
                     hidden = body(input_ids=tokens, attention_mask=attention).last_hidden_state
@@ -351,9 +355,10 @@ def _prefix_hidden(m, body, batch, tokens, attention):
 @torch.no_grad()
 def fill_prefix(m, batches):
     """Put each row's frozen-prefix output into the cache, several rows a batch; stops when the cache
-    is full. (On 2 CPU cores at ~125-token rows this takes as long as filling it during the first
-    epoch, ~0.14 s a row in float32: one row is already enough work there. Steps then all cost the
-    same, so the progress bar's estimate holds from the start.)"""
+    is full. Rows that begin alike compute that beginning once a batch (blocks.shared_length): on 2
+    CPU cores, builtin:sql's 100 W1 rows took ~7 s in bfloat16 at 8 rows a batch, ~5.5-6.4 s at 32,
+    and ~8-9 s without sharing. Steps then all cost the same, so the progress bar's estimate holds
+    from the start."""
     for batch in batches:
         if m.prefix.full:
             break
@@ -365,6 +370,11 @@ def _batch_prefix(m, batch):
     body, _ = _causal_lm(m)
     return _prefix_hidden(m, body, batch, torch.from_numpy(batch.tokens[:, :-1]).to(m.device),
                           torch.from_numpy(batch.attention_mask[:, :-1]).to(m.device))
+
+
+def _shared(batch):
+    """Input positions at the start that every row of `batch` has in common (blocks.shared_length)."""
+    return blocks.shared_length(batch.tokens[:, :-1], batch.lengths - 1)
 
 
 def _token_losses(m, batch):
@@ -379,7 +389,8 @@ def _token_losses(m, batch):
     targets = tokens[:, 1:][targeted]
     if m.lean:
         start = body.embed_tokens(inputs) if start is None else start
-        losses = blocks.supervised_losses(head, blocks.supervised_hidden(body, first, start, targeted), targets)
+        hidden = blocks.supervised_hidden(body, first, start, targeted, _shared(batch))
+        losses = blocks.supervised_losses(head, hidden, targets)
     else:
         if start is not None:
             with _only_blocks(body, slice(first, None)):

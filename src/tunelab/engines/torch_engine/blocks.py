@@ -23,7 +23,10 @@ position. The loss reads the last hidden state only at the supervised positions,
   laid out once in oneDNN's own order for its products (`plan_packing`, `_packed`), within a memory
   budget, instead of being rearranged by every product;
 - LoRA layers that read the same input (q/k/v, gate/up) share one autograd function and one pass
-  over the input for their low-rank products.
+  over the input for their low-rank products;
+- positions at the start that every row of a batch has in common (a fixed system prompt) are
+  computed once for the batch (`shared_length`, `_pack`): with causal attention their hidden
+  states are the same in every row.
 
 Each is the same arithmetic as the plain computation at the positions that matter (tests compare
 losses and gradients with transformers' and PEFT's own forward). A plain LoRA layer (no dropout,
@@ -34,6 +37,7 @@ they are.
 import functools
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
@@ -44,6 +48,7 @@ HEAD_CHUNK_BYTES = 4_718_592   # output-layer weight a step on CPUs (2048 float3
 DEVICE_HEAD_CHUNK = 16384     # output-layer rows a chunk on GPUs: logits [N, 16384] at a time, not [N, vocabulary]
 ROW_BUCKET = 8      # products on CPUs take a multiple of this many rows (see `_padding`)
 PACKED_BUDGET = 256 * 2**20   # bytes of frozen weights laid out for oneDNN a model may keep (`plan_packing`)
+SHARED_MIN = 16     # positions a batch's rows must have in common at their start to compute them once (`shared_length`)
 
 
 @functools.cache
@@ -208,10 +213,33 @@ def supported(lm):
                and not hasattr(layer.self_attn, "q_norm") for layer in body.layers for part, names in needs.items())
 
 
-def run_blocks(body, blocks, hidden):
-    """Output [B, T, H] of body.layers[blocks] (a slice) for their input [B, T, H], rows right-padded."""
+def shared_length(inputs, lengths):
+    """How many positions at the start all rows of a batch have in common (the same input tokens), when
+    there are at least SHARED_MIN of them and two rows or more, else 0. With causal attention those
+    positions' hidden states are the same in every row, in every block, so `run_blocks` and
+    `supervised_hidden` compute them once for the batch (`_pack`): a fixed system prompt, 43 of the
+    ~124 tokens of a builtin:sql row, is then computed once per batch instead of once per row.
+    inputs: [B, T] numpy token ids, right-padded; lengths: [B] real positions of each row."""
+    if inputs.shape[0] < 2:
+        return 0
+    limit = int(lengths.min()) - 1          # every row keeps one position of its own
+    same = (inputs == inputs[:1]).all(0)[:max(limit, 0)]
+    common = len(same) if same.all() else int(np.argmin(same))
+    return common if common >= SHARED_MIN else 0
+
+
+def run_blocks(body, blocks, hidden, shared=0):
+    """Output [B, T, H] of body.layers[blocks] (a slice) for their input [B, T, H], rows right-padded;
+    the first `shared` positions are the same in every row (`shared_length`) and computed once."""
     size = hidden.shape[1]
-    return _run_blocks(body, blocks, _pad_rows(hidden, _padding(size, hidden), 1))[:, :size]
+    hidden = _pad_rows(hidden, _padding(size, hidden), 1)
+    if not shared:
+        return _run_blocks(body, blocks, hidden)[:, :size]
+    flat, shape = _pack(hidden, shared)
+    context = _positions(body, hidden)
+    for layer in list(body.layers)[blocks]:
+        flat = _shared_block(layer, flat, shape, *context)
+    return flat[_places(shape, flat.device)][:, :size]
 
 
 def _run_blocks(body, blocks, hidden):
@@ -221,19 +249,73 @@ def _run_blocks(body, blocks, hidden):
     return hidden
 
 
-def supervised_hidden(body, first, hidden, targeted):
+def supervised_hidden(body, first, hidden, targeted, shared=0):
     """Final-norm hidden states [N, H] at the targeted positions (row-major order, as `x[targeted]`).
 
     hidden: the input of block `first` [B, T, H], rows right-padded; targeted: [B, T] bool, the
-    positions whose next token is supervised."""
+    positions whose next token is supervised; shared: positions at the start that are the same in
+    every row (`shared_length`), computed once."""
     if not targeted.any():
         return body.norm(hidden[targeted])
     extra = _padding(hidden.shape[1], hidden)
     hidden, targeted = _pad_rows(hidden, extra, 1), _pad_rows(targeted, extra, 1)
     top = len(body.layers) - 1
-    hidden = _run_blocks(body, slice(first, top), hidden)
     cos, sin, on_cpu = _positions(body, hidden)
-    return body.norm(_top_block(body.layers[top], hidden, cos, sin, targeted, on_cpu))
+    if not shared:
+        hidden = _run_blocks(body, slice(first, top), hidden)
+        return body.norm(_top_block(body.layers[top], hidden, cos, sin, targeted, on_cpu))
+    flat, shape = _pack(hidden, shared)
+    for layer in list(body.layers)[first:top]:
+        flat = _shared_block(layer, flat, shape, cos, sin, on_cpu)
+    return body.norm(_top_block(body.layers[top], flat, cos, sin, targeted, on_cpu, shape))
+
+
+def _pack(hidden, shared):
+    """Rows [B, T, H] whose first `shared` positions are the same -> ([R, H]: those positions once (row
+    0's), then each row's other T - shared positions, then zero rows to a whole bucket (`_padding`)),
+    and the layout's shape (B, shared, T - shared). Every op of a block but attention is row-wise, so
+    it runs on these R rows as on any others."""
+    batch, size = hidden.shape[:2]
+    flat = torch.cat((hidden[0, :shared], hidden[:, shared:].flatten(0, 1)))
+    return _pad_rows(flat, _padding(flat.shape[0], flat)), (batch, shared, size - shared)
+
+
+def _places(shape, device):
+    """[B, T]: the row of `_pack`'s layout that holds each row's position."""
+    batch, shared, rest = shape
+    at = torch.arange(shared + rest, device=device).expand(batch, -1)
+    return torch.where(at < shared, at, at + rest * torch.arange(batch, device=device)[:, None])
+
+
+def _split_heads(x, shape, head_dim):
+    """`_pack`ed rows [R, n * d] -> the shared positions [1, n, P, d] and each row's others [B, n, S, d]."""
+    batch, shared, rest = shape
+    return _heads(x[None, :shared], head_dim), _heads(x[shared:shared + batch * rest].unflatten(0, (batch, rest)), head_dim)
+
+
+def _whole_rows(head, rest):
+    """Keys or values of every row at every position [B, n, T, d], from the shared positions' [1, n, P, d]
+    and each row's others [B, n, S, d]."""
+    return torch.cat((head.expand(rest.shape[0], -1, -1, -1), rest), 2)
+
+
+def _shared_block(layer, flat, shape, cos, sin, on_cpu):
+    """`_block` over `_pack`ed rows: the shared positions attend among themselves once, each row's
+    other positions to the shared ones and to its own up to themselves."""
+    batch, shared, rest = shape
+    attn = layer.self_attn
+    x = layer.input_layernorm(flat)
+    (q_head, q), (k_head, k), (v_head, v) = (_split_heads(out, shape, attn.head_dim)
+                                             for out in _project_all((attn.q_proj, attn.k_proj, attn.v_proj), x))
+    at_head, at_rest = (cos[:, :shared], sin[:, :shared]), (cos[:, shared:], sin[:, shared:])
+    q_head, k_head, q, k = _rotate(q_head, *at_head), _rotate(k_head, *at_head), _rotate(q, *at_rest), _rotate(k, *at_rest)
+    head = _attend(q_head, k_head, v_head, None, attn.scaling, on_cpu)                      # [1, nh, P, d]
+    keys = torch.arange(shared + rest, device=flat.device)
+    allowed = (keys[None, :] <= shared + torch.arange(rest, device=flat.device)[:, None])[None]  # [1, S, T]
+    out = _attend(q, _whole_rows(k_head, k), _whole_rows(v_head, v), allowed, attn.scaling, on_cpu)  # [B, nh, S, d]
+    out = torch.cat((head[0].transpose(0, 1).flatten(1), out.transpose(1, 2).flatten(2).flatten(0, 1)))
+    flat = flat + _project(attn.o_proj, _pad_rows(out, flat.shape[0] - out.shape[0]))
+    return flat + _mlp(layer.mlp, layer.post_attention_layernorm(flat))
 
 
 def _positions(body, hidden):
@@ -255,27 +337,33 @@ def _block(layer, hidden, cos, sin, on_cpu):
     return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
 
 
-def _top_block(layer, hidden, cos, sin, targeted, on_cpu):
-    """The last block at the targeted positions only: [N, H]."""
+def _top_block(layer, hidden, cos, sin, targeted, on_cpu, shape=None):
+    """The last block at the targeted positions only: [N, H]. hidden: [B, T, H], or rows laid out by
+    `_pack` with its `shape`."""
     attn = layer.self_attn
     rows, cols = targeted.nonzero(as_tuple=True)
     slot = (targeted.cumsum(1) - 1)[rows, cols]          # each query's place among its row's queries
     width = int(targeted.sum(1).max())
     x = layer.input_layernorm(hidden)
-    k, v = (_heads(out, attn.head_dim) for out in _project_all((attn.k_proj, attn.v_proj), x))
+    k, v = _project_all((attn.k_proj, attn.v_proj), x)
+    if shape is None:
+        k, v, at = _heads(k, attn.head_dim), _heads(v, attn.head_dim), (rows, cols)
+    else:
+        k, v = (_whole_rows(*_split_heads(t, shape, attn.head_dim)) for t in (k, v))
+        at = (_places(shape, x.device)[rows, cols],)
     k = _rotate(k, cos, sin)
     size = rows.shape[0]
     extra = _padding(size, x)                                    # rows of the [N, ...] products
-    q = _project(attn.q_proj, _pad_rows(x[rows, cols], extra))[:size].unflatten(-1, (-1, attn.head_dim))  # [N, nh, d]
+    q = _project(attn.q_proj, _pad_rows(x[at], extra))[:size].unflatten(-1, (-1, attn.head_dim))  # [N, nh, d]
     q = q * cos[0, cols, None] + _rotate_half(q) * sin[0, cols, None]
-    grid = q.new_zeros((hidden.shape[0], width) + q.shape[1:]).index_put((rows, slot), q)   # [B, S, nh, d]
+    grid = q.new_zeros((targeted.shape[0], width) + q.shape[1:]).index_put((rows, slot), q)   # [B, S, nh, d]
     where = torch.zeros(grid.shape[:2], dtype=torch.long, device=q.device).index_put((rows, slot), cols)
-    keys = torch.arange(hidden.shape[1], device=q.device)
+    keys = torch.arange(targeted.shape[1], device=q.device)
     allowed = keys[None, None, :] <= where[:, :, None]      # [B, S, T]
     out = _attend(grid.transpose(1, 2), k, v, allowed, attn.scaling, on_cpu)
     out = out.transpose(1, 2)[rows, slot].flatten(1)                           # [N, nh * d]
     # the added rows run on through o_proj and the MLP (every op row-wise) and are dropped at the end
-    picked = _pad_rows(hidden[rows, cols], extra) + _project(attn.o_proj, _pad_rows(out, extra))
+    picked = _pad_rows(hidden[at], extra) + _project(attn.o_proj, _pad_rows(out, extra))
     return (picked + _mlp(layer.mlp, layer.post_attention_layernorm(picked)))[:size]
 
 
