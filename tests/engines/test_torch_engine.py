@@ -291,8 +291,11 @@ def test_savings_name_the_first_tokens_every_row_has_when_they_are_computed_once
     from tunelab.engines.torch_engine import blocks
 
     model, _ = with_adapter(tiny_model, num_layers=2)
-    line = f"the first {blocks.SHARED_MIN} tokens, the same in every row, computed once per batch of rows"
-    assert any(text.startswith(line) for text in engine.savings(model, 3, 300, blocks.SHARED_MIN))
+    line = f"the first {blocks.SHARED_MIN} tokens, the same in every row, computed once per batch of 2 rows or more"
+    assert f"{line}, not once per row" in engine.savings(model, 3, 300, blocks.SHARED_MIN)
+    cached, _ = with_adapter(tiny_model, num_layers=1)
+    with_fill = f"{line} and per batch of the frozen-prefix cache's fill, not once per row"
+    assert with_fill in engine.savings(cached, 3, 300, blocks.SHARED_MIN)
     assert not any("the same in every row" in text for text in engine.savings(model, 3, 300, blocks.SHARED_MIN - 1))
     model.lean = False      # transformers' own forward computes every row whole
     assert not any("the same in every row" in text for text in engine.savings(model, 3, 300, 40))

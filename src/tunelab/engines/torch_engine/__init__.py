@@ -234,8 +234,9 @@ def savings(m, rows, tokens, common=0):
                      f"targets padded to buckets of {graphs.POSITION_FLOOR} or more, up to {graphs.MAX_GRAPHS} "
                      f"shapes; {graphs.SWITCH}=0 turns this off)")
     if m.lean and common >= blocks.SHARED_MIN:
-        lines.append(f"the first {common} tokens, the same in every row, computed once per batch of rows, "
-                     f"not once per row")
+        fill = " and per batch of the frozen-prefix cache's fill" if m.prefix is not None else ""
+        lines.append(f"the first {common} tokens, the same in every row, computed once per batch of 2 rows or "
+                     f"more{fill}, not once per row")
     first = _first_computed(m)
     packed, packed_blocks, head = blocks.plan_packing(_base_lm(m), first) if m.lean else (0, 0, False)
     if packed:

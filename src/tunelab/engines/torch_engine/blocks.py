@@ -290,7 +290,8 @@ def _places(shape, device):
 def _split_heads(x, shape, head_dim):
     """`_pack`ed rows [R, n * d] -> the shared positions [1, n, P, d] and each row's others [B, n, S, d]."""
     batch, shared, rest = shape
-    return _heads(x[None, :shared], head_dim), _heads(x[shared:shared + batch * rest].unflatten(0, (batch, rest)), head_dim)
+    rows = x[shared:shared + batch * rest].unflatten(0, (batch, rest))
+    return _heads(x[None, :shared], head_dim), _heads(rows, head_dim)
 
 
 def _whole_rows(head, rest):
@@ -308,7 +309,8 @@ def _shared_block(layer, flat, shape, cos, sin, on_cpu):
     (q_head, q), (k_head, k), (v_head, v) = (_split_heads(out, shape, attn.head_dim)
                                              for out in _project_all((attn.q_proj, attn.k_proj, attn.v_proj), x))
     at_head, at_rest = (cos[:, :shared], sin[:, :shared]), (cos[:, shared:], sin[:, shared:])
-    q_head, k_head, q, k = _rotate(q_head, *at_head), _rotate(k_head, *at_head), _rotate(q, *at_rest), _rotate(k, *at_rest)
+    q_head, k_head = _rotate(q_head, *at_head), _rotate(k_head, *at_head)
+    q, k = _rotate(q, *at_rest), _rotate(k, *at_rest)
     head = _attend(q_head, k_head, v_head, None, attn.scaling, on_cpu)                      # [1, nh, P, d]
     keys = torch.arange(shared + rest, device=flat.device)
     allowed = (keys[None, :] <= shared + torch.arange(rest, device=flat.device)[:, None])[None]  # [1, S, T]
