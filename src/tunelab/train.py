@@ -182,7 +182,8 @@ def lora(opts, log=print):
             f"{spec.num_layers} blocks; {len(train_set)} rows, {tokens} tokens, "
             f"{100 * supervised / tokens:.0f}% supervised")
         for line in engine.savings(model, len(train_set) + len(valid_set),
-                                   tokens + sum(len(ex.tokens) for ex in valid_set), common_start(train_set)):
+                                   tokens + sum(len(ex.tokens) for ex in valid_set),
+                                   common_start([ex.tokens for ex in train_set])):
             log(f"Saving: {line}")
         train_loop(engine, model, train_set, valid_set, opts, run_dir, log=log)
     if opts.test:

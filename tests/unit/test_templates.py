@@ -72,11 +72,12 @@ def test_common_start_counts_the_tokens_every_example_begins_with(tiny_tokenizer
     rows[1]["messages"][-1] = {"role": "assistant", "content": "SELECT 2"}
     rows[2]["messages"][0]["content"] += " and more"
     examples = [encode_row(tiny_tokenizer, r, "chat", True) for r in rows]
+    tokens = [ex.tokens for ex in examples]
     system = tiny_tokenizer.apply_chat_template(rows[0]["messages"][:1], tokenize=False)
-    assert 0 < common_start(examples) <= len(tiny_tokenizer(system)["input_ids"])
-    assert common_start(examples[:2]) > common_start(examples)
-    assert common_start(examples[:1]) == len(examples[0].tokens)
-    assert all((ex.tokens[:common_start(examples)] == examples[0].tokens[:common_start(examples)]).all()
+    assert 0 < common_start(tokens) <= len(tiny_tokenizer(system)["input_ids"])
+    assert common_start(tokens[:2]) > common_start(tokens)
+    assert common_start(tokens[:1]) == len(examples[0].tokens)
+    assert all((ex.tokens[:common_start(tokens)] == examples[0].tokens[:common_start(tokens)]).all()
                for ex in examples)
-    assert len({int(ex.tokens[common_start(examples)]) for ex in examples
-                if len(ex.tokens) > common_start(examples)}) > 1
+    assert len({int(ex.tokens[common_start(tokens)]) for ex in examples
+                if len(ex.tokens) > common_start(tokens)}) > 1

@@ -25,13 +25,13 @@ class Batch:
         return int(self.supervised.sum())
 
 
-def common_start(examples):
-    """How many tokens every example begins with (a fixed system prompt, say)."""
-    first = examples[0].tokens
+def common_start(sequences):
+    """How many tokens every sequence of token ids begins with (a fixed system prompt, say)."""
+    first = np.asarray(sequences[0])
     common = len(first)
-    for ex in examples[1:]:
-        size = min(common, len(ex.tokens))
-        differ = np.flatnonzero(np.asarray(ex.tokens[:size]) != np.asarray(first[:size]))
+    for tokens in sequences[1:]:
+        size = min(common, len(tokens))
+        differ = np.flatnonzero(np.asarray(tokens[:size]) != first[:size])
         common = int(differ[0]) if len(differ) else size
     return common
 

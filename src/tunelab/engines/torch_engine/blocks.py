@@ -37,10 +37,11 @@ they are.
 import functools
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
+
+from tunelab.data.batching import common_start
 
 FAMILIES = ("llama", "qwen2")
 HEAD_CHUNK_BYTES = 4_718_592   # output-layer weight a step on CPUs (2048 float32 or 4096 bfloat16 rows of
@@ -222,9 +223,8 @@ def shared_length(inputs, lengths):
     inputs: [B, T] numpy token ids, right-padded; lengths: [B] real positions of each row."""
     if inputs.shape[0] < 2:
         return 0
-    limit = int(lengths.min()) - 1          # every row keeps one position of its own
-    same = (inputs == inputs[:1]).all(0)[:max(limit, 0)]
-    common = len(same) if same.all() else int(np.argmin(same))
+    common = common_start([row[:size] for row, size in zip(inputs, lengths)])
+    common = min(common, int(lengths.min()) - 1)          # every row keeps one position of its own
     return common if common >= SHARED_MIN else 0
 
 
@@ -233,20 +233,19 @@ def run_blocks(body, blocks, hidden, shared=0):
     the first `shared` positions are the same in every row (`shared_length`) and computed once."""
     size = hidden.shape[1]
     hidden = _pad_rows(hidden, _padding(size, hidden), 1)
-    if not shared:
-        return _run_blocks(body, blocks, hidden)[:, :size]
-    flat, shape = _pack(hidden, shared)
-    context = _positions(body, hidden)
-    for layer in list(body.layers)[blocks]:
-        flat = _shared_block(layer, flat, shape, *context)
-    return flat[_places(shape, flat.device)][:, :size]
+    hidden, shape = _run_blocks(body, blocks, hidden, _positions(body, hidden), shared)
+    return (hidden if shape is None else hidden[_places(shape, hidden.device)])[:, :size]
 
 
-def _run_blocks(body, blocks, hidden):
-    context = _positions(body, hidden)
+def _run_blocks(body, blocks, hidden, context, shared):
+    """body.layers[blocks] over hidden [B, T, H]: (their output [B, T, H], None), or with the first
+    `shared` positions computed once, (its rows laid out by `_pack`, the layout's shape)."""
+    shape = None
+    if shared:
+        hidden, shape = _pack(hidden, shared)
     for layer in list(body.layers)[blocks]:
-        hidden = _block(layer, hidden, *context)
-    return hidden
+        hidden = _block(layer, hidden, *context) if shape is None else _shared_block(layer, hidden, shape, *context)
+    return hidden, shape
 
 
 def supervised_hidden(body, first, hidden, targeted, shared=0):
@@ -261,13 +260,8 @@ def supervised_hidden(body, first, hidden, targeted, shared=0):
     hidden, targeted = _pad_rows(hidden, extra, 1), _pad_rows(targeted, extra, 1)
     top = len(body.layers) - 1
     cos, sin, on_cpu = _positions(body, hidden)
-    if not shared:
-        hidden = _run_blocks(body, slice(first, top), hidden)
-        return body.norm(_top_block(body.layers[top], hidden, cos, sin, targeted, on_cpu))
-    flat, shape = _pack(hidden, shared)
-    for layer in list(body.layers)[first:top]:
-        flat = _shared_block(layer, flat, shape, cos, sin, on_cpu)
-    return body.norm(_top_block(body.layers[top], flat, cos, sin, targeted, on_cpu, shape))
+    hidden, shape = _run_blocks(body, slice(first, top), hidden, (cos, sin, on_cpu), shared)
+    return body.norm(_top_block(body.layers[top], hidden, cos, sin, targeted, on_cpu, shape))
 
 
 def _pack(hidden, shared):
