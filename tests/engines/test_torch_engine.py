@@ -376,14 +376,18 @@ def test_only_plain_lora_layers_take_the_fused_function(tiny_model):
 
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])
 def test_lora_layers_on_one_input_give_each_layers_peft_output_and_gradients(tiny_model, dtype, tolerance):
-    """q/k/v (and a layer alone) through one LoraLinear against PEFT's forward of each layer:
-    outputs, the input's gradient and every A and B gradient."""
+    """q/k/v (and a layer alone) through one LoraLinear (LoraLinearBf16 for bfloat16 where oneDNN has
+    it) against PEFT's forward of each layer: outputs, the input's gradient and every A and B gradient."""
     from tunelab.engines.torch_engine import blocks
 
     model, _ = with_adapter(tiny_model, dtype=dtype)
     attn = model.model.base_model.model.model.layers[1].self_attn
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, attn.q_proj.in_features, generator=gen).to(getattr(torch, dtype))
+    expected = blocks.LoraLinearBf16 if dtype == "bfloat16" and blocks._onednn_add() else blocks.LoraLinear
+    assert blocks._lora_function(x) is expected
+    if dtype == "bfloat16" and platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available():
+        assert blocks._onednn_add() == torch.ops.mkldnn._is_mkldnn_bf16_supported()
     for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,)):
         params = [p for layer in group for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
         results = []

@@ -23,13 +23,15 @@ position. The loss reads the last hidden state only at the supervised positions,
   laid out once in oneDNN's own order for its products (`plan_packing`, `_packed`), within a memory
   budget, instead of being rearranged by every product;
 - LoRA layers that read the same input (q/k/v, gate/up) share one autograd function and one pass
-  over the input for their low-rank products;
+  over the input for their low-rank products; in bfloat16 on a CPU those products run in bfloat16
+  on oneDNN, as autocast would run them (`LoraLinearBf16`), not in float32 as PEFT runs them;
 - positions at the start that every row of a batch has in common (a fixed system prompt) are
   computed once for the batch (`shared_length`, `_pack`): with causal attention their hidden
   states are the same in every row.
 
-Each is the same arithmetic as the plain computation at the positions that matter (tests compare
-losses and gradients with transformers' and PEFT's own forward). A plain LoRA layer (no dropout,
+Each is the same arithmetic as the plain computation at the positions that matter, but for the
+bfloat16 low-rank products (tests compare losses and gradients with transformers' and PEFT's own
+forward). A plain LoRA layer (no dropout,
 no DoRA) runs as one autograd function, `LoraLinear`; other layers PEFT put in are called as
 they are.
 """
@@ -373,7 +375,7 @@ def _project_all(modules, x):
     """[module(x) for each module]; plain LoRA layers (no dropout, no DoRA) as one autograd function."""
     loras = [_plain_lora(module) for module in modules]
     if all(lora is not None for lora in loras):
-        return LoraLinear.apply(x, *(value for lora in loras for value in lora))
+        return _lora_function(x).apply(x, *(value for lora in loras for value in lora))
     return [_project(module, x) for module in modules]
 
 
@@ -382,7 +384,7 @@ def _project(module, x):
     autograd function."""
     lora = _plain_lora(module)
     if lora is not None:
-        return LoraLinear.apply(x, *lora)[0]
+        return _lora_function(x).apply(x, *lora)[0]
     if type(module) is torch.nn.Linear and not (
             torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))):
         return _dense(x, module.weight, module.bias)     # a frozen block (the prefix, evaluation)
@@ -453,6 +455,77 @@ class LoraLinear(torch.autograd.Function):
                 grad_x = part if grad_x is None else grad_x.add_(part)
             if dtype == through.dtype:    # the branch's part added in place: no [N, in] buffer of its own
                 grad_x.view(-1, grad_x.shape[-1]).addmm_(through, stacked)
+        return (grad_x,) + tuple(t for grad_a, grad_b in zip(grad_as, grad_bs) for t in (None, None, grad_a, grad_b, None))
+
+
+def _lora_function(x):
+    """The autograd function for plain LoRA layers reading x: `LoraLinearBf16` for bfloat16 on a CPU
+    where oneDNN has it, else `LoraLinear`."""
+    return LoraLinearBf16 if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _onednn_add() else LoraLinear
+
+
+@functools.cache
+def _onednn_add():
+    """Whether this build's oneDNN linear op adds a tensor to a bfloat16 product (x W^T + other) on
+    this CPU and gives F.linear's values to bfloat16 rounding."""
+    op = _onednn_linear()
+    if op is None or not hasattr(op, "binary") or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, weight, other = (torch.randn(shape, generator=gen) for shape in ((5, 8), (24, 8), (5, 24)))
+        out = op.binary(x.bfloat16(), other.bfloat16(), weight.bfloat16(), None, "add")
+        expected = other.bfloat16().float() + F.linear(x.bfloat16().float(), weight.bfloat16().float())
+        return out.dtype == torch.bfloat16 and torch.allclose(out.float(), expected, rtol=1e-2, atol=1e-2)
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+class LoraLinearBf16(torch.autograd.Function):
+    """`LoraLinear` for bfloat16 inputs on a CPU: the low-rank products in bfloat16 through oneDNN
+    (float32 sums inside each product, rounded to bfloat16 at its end), as PyTorch's bfloat16
+    autocast runs them, and the branch added to the base product inside oneDNN's (`_onednn_add`).
+    Float32 products of rank 8 are slow on 2 CPU cores (MKL's x [136, 8] @ [8, 1536] took ~100 us,
+    memory-bound work of ~10 us), and the float32 branch adds two conversions of every [N, out]
+    output; this way a W1 step in bfloat16 took ~6% less. A and B and their gradients stay float32
+    (the gradients are rounded to bfloat16 at the end of their products, as under autocast).
+
+    apply(x, W, b, A, B, scale, W, b, A, B, scale, ...) -> one output a layer."""
+
+    @staticmethod
+    def forward(ctx, x, *layers):
+        layers = [layers[at:at + 5] for at in range(0, len(layers), 5)]
+        linear = _onednn_linear()
+        flat = x.flatten(0, -2)
+        stacked = _stack([lora_a for _, _, lora_a, _, _ in layers]).to(x.dtype)                # [R, in]
+        low = linear(flat, stacked, None, "none", [], "")                                     # [N, R]
+        ranks = [lora_a.shape[0] for _, _, lora_a, _, _ in layers]
+        parts = [part.contiguous() for part in low.split(ranks, 1)] if len(layers) > 1 else [low]
+        scaled = [(lora_b * scale).to(x.dtype) for _, _, _, lora_b, scale in layers]           # [out, r]
+        outputs = [linear.binary(part, _dense(flat, weight, bias), lora_b, None, "add").view(*x.shape[:-1], -1)
+                   for (weight, bias, *_), part, lora_b in zip(layers, parts, scaled)]
+        ctx.save_for_backward(x, stacked, *parts, *(t for (weight, *_), lora_b in zip(layers, scaled)
+                                                    for t in (weight, lora_b)))
+        ctx.ranks, ctx.scales = ranks, [scale for *_, scale in layers]
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, stacked, *saved = ctx.saved_tensors
+        count = len(ctx.ranks)
+        parts, weights, lora_bs = saved[:count], saved[count::2], saved[count + 1::2]
+        linear = _onednn_linear()
+        grads = [grad.flatten(0, -2) for grad in grads]
+        grad_bs = [(part.t() @ grad).t().float().mul_(scale) for grad, part, scale in zip(grads, parts, ctx.scales)]
+        through = _stack([linear(grad, lora_b.t().contiguous(), None, "none", [], "")     # g (B scale): [N, r]
+                          for grad, lora_b in zip(grads, lora_bs)], 1)
+        grad_as = (through.t() @ x.flatten(0, -2)).float().split(ctx.ranks)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            for grad, weight in zip(grads, weights):
+                part = _dense(grad, weight.t())
+                grad_x = part if grad_x is None else grad_x.add_(part)
+            grad_x = linear.binary(through, grad_x, stacked.t().contiguous(), None, "add").view(*x.shape[:-1], -1)
         return (grad_x,) + tuple(t for grad_a, grad_b in zip(grad_as, grad_bs) for t in (None, None, grad_a, grad_b, None))
 
 
