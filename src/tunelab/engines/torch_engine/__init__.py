@@ -129,7 +129,8 @@ def pick_dtype(device, dtype="auto", training=False):
         return torch.bfloat16, "the GPU supports bfloat16"
     if device.type == "cpu" and training and cpu_has_fast_bf16():
         return torch.bfloat16, ("this CPU multiplies bfloat16 matrices in hardware, about 1.6x faster training; "
-                                "adapters and optimizer state stay float32; --dtype float32 for exact float32")
+                                "adapters and optimizer state stay float32 (their products run in bfloat16); "
+                                "--dtype float32 for exact float32")
     return torch.float32, "float32 is exact and fastest at this size on CPU"
 
 
