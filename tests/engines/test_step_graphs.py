@@ -13,18 +13,20 @@ from tunelab.engines import torch_engine as engine
 from tunelab.engines.torch_engine import graphs
 from tests.engines.test_torch_engine import ROWS, with_adapter
 
-OTHER_ROWS = [{"messages": [{"role": "system", "content": "CREATE TABLE uv (c INTEGER, d VARCHAR)"},
-                            {"role": "user", "content": f"What is c when d is {w}?"},
-                            {"role": "assistant", "content": f"SELECT c FROM uv WHERE d = '{w}'"}]}
-              for w in ("p", "qq", "rrr long valve")]
+OTHER_ROWS = [{"messages": [{"role": "system", "content": "CREATE TABLE t (a INTEGER, b VARCHAR)"},
+                            {"role": "user", "content": f"What is b when a is {w}?"},
+                            {"role": "assistant", "content": f"SELECT b FROM t WHERE a = '{w}'"}]}
+              for w in ("x", "yy", "zzz long value")]
 
 
 def two_batches(model):
-    """Two batches of different rows that take the same recorded shapes."""
+    """Two batches of different rows that take the same recorded shapes, their rows sharing as many
+    first positions (38: the chat template's start, the system prompt and the question's start)."""
     first, second = (collate([encode_row(model.tokenizer, r, "chat", True) for r in rows]) for rows in (ROWS, OTHER_ROWS))
     assert not np.array_equal(first.tokens, second.tokens)
     assert all(graphs.layout(first, 1)[name].shape == graphs.layout(second, 1)[name].shape
                for name in graphs.layout(first, 1))
+    assert engine._shared(first) == engine._shared(second) == 38
     return first, second
 
 
@@ -55,10 +57,24 @@ def test_layout_pads_after_the_real_positions_and_weighs_added_targets_zero(tiny
                                                            np.zeros(len(values["weights"]) - count, np.float32)])
 
 
+def test_steps_of_the_same_shapes_and_another_tag_are_recorded_apart():
+    """The tag (a batch's shared positions) is part of a recording's key: a step is replayed only
+    for inputs of its shapes and its tag."""
+    replays = graphs.Replays(graphs.Rerun())
+    values = {"x": np.arange(4.0)}
+    outs = [float(replays.run(values, lambda buffers, tag=tag: buffers["x"].sum() * tag, "cpu", tag=tag))
+            for tag in (1, 2, 1, 2)]
+    assert outs == [6.0, 12.0, 6.0, 12.0]
+    assert [entry.replays for entry in replays.recorded.values()] == [1, 1]
+
+
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_recorded_steps_give_the_plain_losses_and_gradients(tiny_model, num_layers):
+def test_recorded_steps_give_the_plain_losses_and_gradients(tiny_model, monkeypatch, num_layers):
     """The padded step, run eagerly and then replayed on another batch of the same shapes, against
-    blocks.py's unpadded step: one adapted block (the frozen prefix as input) or both."""
+    blocks.py's unpadded step: one adapted block (the frozen prefix as input) or both; the rows'
+    common first positions computed once in the recorded step too."""
+    from tunelab.engines.torch_engine import blocks
+
     plain, _ = with_adapter(tiny_model, num_layers=num_layers)
     expected = []
     for batch in two_batches(plain):
@@ -72,9 +88,14 @@ def test_recorded_steps_give_the_plain_losses_and_gradients(tiny_model, num_laye
     for p in model.model.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
+    pack, padded = blocks._pack, []
+    monkeypatch.setattr(blocks, "_pack", lambda hidden, common: padded.append((hidden.shape, common)) or pack(hidden, common))
     for batch, (loss, grads) in zip(two_batches(model), expected):
         total = int(batch.supervised[:, 1:].sum())
         assert float(engine._replayed_loss(model, replays, batch, total)) == pytest.approx(loss, rel=1e-6)
+        width = graphs.layout(batch, total)["inputs"].shape[1]
+        assert [common for shape, common in padded if shape[1] == width] == [38]    # the eager step, then the replay
+        padded.clear()
         got = trained_grads(model)
         assert got.keys() == grads.keys() and len(grads) == 2 * 7 * num_layers
         for name, grad in grads.items():

@@ -417,13 +417,14 @@ def _recordable(m):
             and all(blocks._plain_lora(layer) is not None for layer in _lora_modules(m).values()))
 
 
-def _padded_loss(m, buffers):
-    """The step of graphs.layout's fixed shapes: every block at every position, the loss at the
-    listed targets, weighted; backward into the .grad tensors. Returns the weighted loss."""
+def _padded_loss(m, buffers, shared=0):
+    """The step of graphs.layout's fixed shapes: every block at every position (the first `shared`,
+    the same in every row, once for the batch), the loss at the listed targets, weighted; backward
+    into the .grad tensors. Returns the weighted loss."""
     body, head = _causal_lm(m)
     first = _first_computed(m)
     hidden = buffers["start"] if "start" in buffers else body.embed_tokens(buffers["inputs"])
-    hidden = blocks.run_blocks(body, slice(first, None), hidden)
+    hidden = blocks.run_blocks(body, slice(first, None), hidden, shared)
     picked = body.norm(hidden.flatten(0, 1).index_select(0, buffers["places"]))   # (index_select: no sync on GPUs)
     loss = (blocks.supervised_losses(head, picked, buffers["targets"]) * buffers["weights"]).sum()
     loss.backward()
@@ -440,7 +441,8 @@ def _replayed_loss(m, replays, batch, total):
         hidden = _batch_prefix(m, batch)
         values["start"] = hidden.new_zeros(inputs.shape + hidden.shape[2:])
         values["start"][:, :width] = hidden
-    return replays.run(values, lambda buffers: _padded_loss(m, buffers), m.device)
+    shared = _shared(batch)
+    return replays.run(values, lambda buffers: _padded_loss(m, buffers, shared), m.device, tag=shared)
 
 
 def _set_mode(m, training):

@@ -11,7 +11,9 @@ A graph replays fixed shapes at fixed addresses, so each batch is laid out in fi
 with weight 0. Padding comes after each row's real tokens, where causal attention keeps it out
 of every real position, and a target of weight 0 adds nothing to the loss or any gradient, so
 the step is the plain computation at the real positions. On a GPU the padded positions cost far
-less than the launches saved.
+less than the launches saved. The first positions every row of a batch has in common are
+computed once (blocks.shared_length), as in eager steps; their count is part of a recording's
+key, so batches that share a fixed system prompt keep to one recording a shape.
 
 `Replays.run` runs the first batch of each shape eagerly (a real step, which also warms the
 kernels up on a side stream, as recording needs) and records the step after it; later batches
@@ -103,10 +105,11 @@ class Replays:
     recorded: dict = field(default_factory=dict)   # key -> Recorded
     off: str = None     # why recording stopped, once it failed
 
-    def run(self, values, fn, device):
+    def run(self, values, fn, device, tag=None):
         """fn(buffers) -> a scalar tensor, for buffers holding `values` (numpy arrays or tensors)
-        on `device`; run eagerly, or replayed from a recording of fn on buffers of the same shapes."""
-        key = tuple((name, tuple(value.shape), str(value.dtype)) for name, value in sorted(values.items()))
+        on `device`; run eagerly, or replayed from a recording of fn on buffers of the same shapes
+        and the same `tag` (what else fixes the recorded work: the positions a batch's rows share)."""
+        key = (tag,) + tuple((name, tuple(value.shape), str(value.dtype)) for name, value in sorted(values.items()))
         entry = self.recorded.get(key)
         if entry is not None:
             for name, value in values.items():
