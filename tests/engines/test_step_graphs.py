@@ -89,7 +89,8 @@ def test_recorded_steps_give_the_plain_losses_and_gradients(tiny_model, monkeypa
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
     pack, padded = blocks._pack, []
-    monkeypatch.setattr(blocks, "_pack", lambda hidden, common: padded.append((hidden.shape, common)) or pack(hidden, common))
+    monkeypatch.setattr(blocks, "_pack",
+                        lambda hidden, common: padded.append((hidden.shape, common)) or pack(hidden, common))
     for batch, (loss, grads) in zip(two_batches(model), expected):
         total = int(batch.supervised[:, 1:].sum())
         assert float(engine._replayed_loss(model, replays, batch, total)) == pytest.approx(loss, rel=1e-6)

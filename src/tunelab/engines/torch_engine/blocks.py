@@ -31,9 +31,8 @@ position. The loss reads the last hidden state only at the supervised positions,
 
 Each is the same arithmetic as the plain computation at the positions that matter, but for the
 bfloat16 low-rank products (tests compare losses and gradients with transformers' and PEFT's own
-forward). A plain LoRA layer (no dropout,
-no DoRA) runs as one autograd function, `LoraLinear`; other layers PEFT put in are called as
-they are.
+forward). A plain LoRA layer (no dropout, no DoRA) runs as one autograd function, `LoraLinear` or
+`LoraLinearBf16`; other layers PEFT put in are called as they are.
 """
 
 import functools
@@ -487,7 +486,7 @@ class LoraLinearBf16(torch.autograd.Function):
     autocast runs them, and the branch added to the base product inside oneDNN's (`_onednn_add`).
     Float32 products of rank 8 are slow on 2 CPU cores (MKL's x [136, 8] @ [8, 1536] took ~100 us,
     memory-bound work of ~10 us), and the float32 branch adds two conversions of every [N, out]
-    output; this way a W1 step in bfloat16 took ~6% less. A and B and their gradients stay float32
+    output; this way W1 steps in bfloat16 took ~5% less, W2 steps ~11%. A and B and their gradients stay float32
     (the gradients are rounded to bfloat16 at the end of their products, as under autocast).
 
     apply(x, W, b, A, B, scale, W, b, A, B, scale, ...) -> one output a layer."""
