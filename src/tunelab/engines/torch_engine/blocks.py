@@ -486,8 +486,9 @@ class LoraLinearBf16(torch.autograd.Function):
     autocast runs them, and the branch added to the base product inside oneDNN's (`_onednn_add`).
     Float32 products of rank 8 are slow on 2 CPU cores (MKL's x [136, 8] @ [8, 1536] took ~100 us,
     memory-bound work of ~10 us), and the float32 branch adds two conversions of every [N, out]
-    output; this way W1 steps in bfloat16 took ~5% less, W2 steps ~11%. A and B and their gradients stay float32
-    (the gradients are rounded to bfloat16 at the end of their products, as under autocast).
+    output; this way W1 steps in bfloat16 took ~5% less, W2 steps ~11%. A and B and their gradients
+    stay float32 (the gradients are rounded to bfloat16 at the end of their products, as under
+    autocast).
 
     apply(x, W, b, A, B, scale, W, b, A, B, scale, ...) -> one output a layer."""
 
