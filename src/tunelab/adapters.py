@@ -16,13 +16,16 @@ Everything here is numpy: engines convert at their edge.
 """
 
 import json
+import math
+import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError, safe_open
 
-from tunelab import atomic
+from tunelab import atomic, models, runs
 from tunelab.errors import UserError
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -93,7 +96,7 @@ def save(folder, spec, tensors, extra_config=None):
     """Write both weight files and the config. `tensors`: {module: (A [r, in], B [out, r])}.
 
     Each file is replaced atomically; weights first, so a config never names weights that
-    are not yet complete.
+    are not yet complete. The config records both weight files' SHA-256 (`tunelab.files`).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -112,10 +115,14 @@ def save(folder, spec, tensors, extra_config=None):
             peft[f"{PEFT_PREFIX}{module}.lora_magnitude_vector"] = np.ascontiguousarray(magnitude[0], dtype=np.float32)
             mlx[f"{module}.m"] = np.ascontiguousarray(magnitude[0], dtype=np.float32)
     with atomic.atomic_path(folder / PEFT_WEIGHTS) as tmp:
-        save_file(peft, str(tmp), metadata={"format": "pt"})
+        atomic.save_safetensors(peft, tmp, metadata={"format": "pt"})
     with atomic.atomic_path(folder / MLX_WEIGHTS) as tmp:
-        save_file(mlx, str(tmp), metadata={"format": "mlx"})
-    atomic.write_json(folder / CONFIG, config_dict(spec, extra_config))
+        atomic.save_safetensors(mlx, tmp, metadata={"format": "mlx"})
+    config = config_dict(spec, extra_config)
+    # the weight files this config belongs to: a folder whose files come from different saves is detected
+    config.setdefault("tunelab", {})["files"] = {name: runs.file_sha256(folder / name)
+                                                 for name in (PEFT_WEIGHTS, MLX_WEIGHTS)}
+    atomic.write_json(folder / CONFIG, config)
 
 
 def pair_with_layers(tensors, layers, shapes):
@@ -140,43 +147,239 @@ def pair_with_layers(tensors, layers, shapes):
     return pairs
 
 
-def load(folder):
-    """Read an adapter folder (PEFT layout, or mlx-lm's alone); return (spec, tensors)."""
-    folder = Path(folder)
-    if not (folder / CONFIG).is_file():
-        raise UserError(f"{folder}: no {CONFIG}: not an adapter folder")
-    config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-    dora = bool(config.get("use_dora")) or config.get("fine_tune_type") == "dora"
-    if config.get("fine_tune_type", "lora") not in ("lora", "dora"):
-        raise UserError(f"{folder}: fine_tune_type {config['fine_tune_type']!r}: only LoRA and DoRA adapters are supported")
-    tensors = {}
-    if (folder / PEFT_WEIGHTS).is_file():
-        raw = load_file(str(folder / PEFT_WEIGHTS))
-        for name, value in raw.items():
-            if name.endswith(".lora_A.weight"):
-                module = name[len(PEFT_PREFIX):-len(".lora_A.weight")]
-                tensors[module] = (value, raw[f"{PEFT_PREFIX}{module}.lora_B.weight"])
-                if dora:
-                    tensors[module] += (raw[f"{PEFT_PREFIX}{module}.lora_magnitude_vector"],)
-        rank, scale = int(config["r"]), float(config["lora_alpha"]) / int(config["r"])
-        dropout = float(config.get("lora_dropout", 0.0))
-    elif (folder / MLX_WEIGHTS).is_file():
-        raw = load_file(str(folder / MLX_WEIGHTS))
-        for name, value in raw.items():
-            if name.endswith(".lora_a"):
-                module = name[:-len(".lora_a")]
-                tensors[module] = (value.T, raw[f"{module}.lora_b"].T)
-                if dora:
-                    tensors[module] += (raw[f"{module}.m"],)
-        params = config.get("lora_parameters", {})
-        rank, scale = int(params.get("rank", 8)), float(params.get("scale", 20.0))
-        dropout = float(params.get("dropout", 0.0))
+def check_finite(tensors, where, fix="the run that wrote it diverged; use an earlier checkpoint"):
+    """Raise UserError naming every tensor of `tensors` that holds NaN or infinite values.
+
+    `tensors`: {name: array} or {module: (A, B[, M])}; `where` names the file or folder they belong to.
+    """
+    parts = ("lora_A", "lora_B", "lora_magnitude_vector")
+    bad = []
+    for name, value in tensors.items():
+        arrays = [(name, value)] if isinstance(value, np.ndarray) else \
+            [(f"{name}.{parts[i] if i < len(parts) else i}", x) for i, x in enumerate(value)]
+        bad += [label for label, x in arrays if not np.isfinite(x).all()]
+    if bad:
+        raise UserError(f"{where}: {', '.join(bad)}: holds NaN or infinite values: {fix}")
+
+
+def _utf8_json(path):
+    """The JSON value of a small file; UserError naming the line (and column) of what keeps it from reading."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset {e.start}): "
+                        "save it as UTF-8") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}): fix the file, or "
+                        "save the adapter again") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to read: not an adapter config") from None
+
+
+def _check_file_hashes(folder, config):
+    """Compare each file that config["tunelab"]["files"] ({name: sha256 hex}) lists, where present, with its
+    recorded hash: a mismatch means the files come from different saves."""
+    recorded = config.get("tunelab", {})
+    recorded = recorded.get("files", {}) if isinstance(recorded, dict) else None
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise UserError(f"{folder / CONFIG}: tunelab.files: expected {{file name: sha256 hex}}, got {recorded!r}")
+    changed = [name for name, digest in recorded.items()
+               if name == Path(name).name and name != CONFIG and (folder / name).is_file()
+               and runs.file_sha256(folder / name) != digest.lower()]
+    if changed:
+        raise UserError(f"{folder / CONFIG}: tunelab.files: {', '.join(changed)}: sha256 differs from the one "
+                        f"recorded: the adapter files in {folder} come from different saves (an interrupted save); "
+                        f"`tunelab lora --train --resume --adapter-path {folder}` restores the last complete "
+                        "checkpoint")
+
+
+def _number(config, key, path, problems, what, default=None, whole=False):
+    """config[key] ("a/b": config["a"]["b"]) checked as a positive whole number (`whole`) or a finite number;
+    None after adding its problem to `problems`. `what` says what the value is, for a missing one."""
+    shown = key.replace("/", ".")
+    value = config
+    for part in key.split("/"):
+        value = value.get(part) if isinstance(value, dict) else None
+    value = default if value is None else value
+    if value is None:
+        problems.append(f"{path}: {shown}: missing: add {what}")
+    elif whole and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        problems.append(f"{path}: {shown}: expected a whole number of at least 1 (the LoRA rank), got {value!r}")
+    elif not whole and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
+        problems.append(f"{path}: {shown}: expected a number, got {value!r}")
     else:
+        return value
+    return None
+
+
+def _hyperparameters(config, path, peft):
+    """(rank, scale, dropout) from PEFT's keys (`peft`) or mlx-lm's lora_parameters, and their problems."""
+    problems = []
+    if peft:
+        rank = _number(config, "r", path, problems, "the LoRA rank, a whole number such as 8", whole=True)
+        alpha = _number(config, "lora_alpha", path, problems, "the LoRA scale times r (scale = lora_alpha / r)")
+        scale = alpha / rank if rank and alpha is not None else None
+        dropout = _number(config, "lora_dropout", path, problems, "", default=0.0)
+    else:
+        if not isinstance(config.get("lora_parameters", {}), dict):
+            problems.append(f"{path}: lora_parameters: expected an object of rank, scale, dropout")
+        rank = _number(config, "lora_parameters/rank", path, problems, "", default=8, whole=True)
+        scale = _number(config, "lora_parameters/scale", path, problems, "", default=20.0)
+        dropout = _number(config, "lora_parameters/dropout", path, problems, "", default=0.0)
+    return rank, scale, dropout, problems
+
+
+_NUMPY_DTYPES = {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL"}
+
+
+def _read_safetensors(path):
+    """{name: numpy array} of a safetensors file, bfloat16 widened to float32; UserError when the file is
+    truncated, not a safetensors file at all, or holds a data type numpy cannot hold."""
+    header = dict(models.safetensors_header(path))
+    header.pop("__metadata__", None)
+    odd = [f"{name} ({info.get('dtype')})" for name, info in header.items()
+           if info.get("dtype") not in _NUMPY_DTYPES | {"BF16"}]
+    if odd:
+        raise UserError(f"{path}: {', '.join(odd)}: a data type tunelab cannot read: save the adapter in "
+                        "float32, float16 or bfloat16")
+    try:
+        with safe_open(str(path), framework="np") as f:
+            tensors = {name: f.get_tensor(name) for name, info in header.items() if info["dtype"] != "BF16"}
+    except SafetensorError as e:
+        raise UserError(f"{path}: truncated or not a safetensors file ({e}): save the adapter again, or use "
+                        "an earlier checkpoint") from None
+    with open(path, "rb") as f:   # numpy has no bfloat16: widen its 16 bits to float32's top half
+        data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+        for name, info in header.items():
+            if info["dtype"] == "BF16":
+                start, end = info["data_offsets"]
+                f.seek(data_start + start)
+                bits = np.frombuffer(f.read(end - start), dtype="<u2").astype(np.uint32) << 16
+                tensors[name] = bits.view(np.float32).reshape(info["shape"])
+    return tensors
+
+
+# Each layout's tensor names: suffix -> slot in (A, B, M); whether stored transposed ([in, r], [r, out]).
+_LAYOUTS = {
+    PEFT_WEIGHTS: ({".lora_A.weight": 0, ".lora_B.weight": 1, ".lora_magnitude_vector": 2}, PEFT_PREFIX, False),
+    MLX_WEIGHTS: ({".lora_a": 0, ".lora_b": 1, ".m": 2}, "", True),
+}
+_MODULE = re.compile(r"model\.layers\.\d+\..+")
+
+
+def _group(raw, layout, path, dora):
+    """{module: (A [r, in], B [out, r][, M [out]])} from a weight file's tensors, and every problem: a
+    missing partner tensor, a module outside the decoder blocks, non-float values."""
+    suffixes, prefix, transposed = _LAYOUTS[layout]
+    names = list(suffixes)
+    found, problems = {}, []
+    for name, value in raw.items():
+        suffix = next((s for s in suffixes if name.endswith(s)), None)
+        if suffix is None or (suffixes[suffix] == 2 and not dora):
+            if suffix is not None:
+                problems.append(f"{path}: {name}: a DoRA magnitude, but {CONFIG} says LoRA (use_dora false, "
+                                "fine_tune_type lora): set use_dora: true and fine_tune_type: dora in it")
+            continue
+        module = name[:-len(suffix)]
+        if not module.startswith(prefix) or not _MODULE.fullmatch(module[len(prefix):]):
+            problems.append(f"{path}: {name}: expected a module inside the decoder blocks, named "
+                            f"{prefix}model.layers.<n>.<module>{suffix}: not an adapter tunelab can read")
+            continue
+        if value.dtype.kind != "f":
+            problems.append(f"{path}: {name}: expected floating-point values, got {value.dtype}")
+            continue
+        found.setdefault(module[len(prefix):], {})[suffixes[suffix]] = value.T if transposed and value.ndim == 2 \
+            else value
+    tensors = {}
+    for module, slots in found.items():
+        needed = range(3 if dora else 2)
+        missing = [f"{prefix}{module}{names[i]}" for i in needed if i not in slots]
+        if missing:
+            have = ", ".join(names[i].lstrip(".") for i in sorted(slots))
+            what = " (the DoRA magnitude)" if missing[-1].endswith(names[2]) else ""
+            problems.append(f"{path}: {module}: has {have} but not {', '.join(missing)}{what}: the file is "
+                            "incomplete; save the adapter again, or use an earlier checkpoint")
+            continue
+        tensors[module] = tuple(slots[i] for i in needed)
+    if not raw:
+        problems.append(f"{path}: no tensors at all: not a saved adapter; save it again, or use an earlier "
+                        "checkpoint")
+    elif not tensors and not problems:
+        problems.append(f"{path}: no LoRA tensors (names ending {names[0]} / {names[1]}): not a LoRA adapter")
+    return tensors, problems
+
+
+def _check_shapes(tensors, rank, path, layout):
+    """Problems of tensors whose shapes disagree with each other or with the config's rank."""
+    suffixes, prefix, transposed = _LAYOUTS[layout]
+    problems = []
+    for module, (a, b, *magnitude) in tensors.items():
+        a_name, b_name, m_name = (f"{prefix}{module}{suffix}" for suffix in suffixes)
+        stored = [tuple(x.T.shape if transposed and x.ndim == 2 else x.shape) for x in (a, b)]
+        shown = f"{a_name} {stored[0]} and {b_name} {stored[1]}"
+        if a.ndim != 2 or b.ndim != 2:
+            problems.append(f"{path}: {shown}: expected two dimensions each")
+        elif a.shape[0] != b.shape[1]:
+            problems.append(f"{path}: {shown}: their ranks differ ({a.shape[0]} and {b.shape[1]}): the file is "
+                            "damaged; save the adapter again, or use an earlier checkpoint")
+        elif rank is not None and a.shape[0] != rank:
+            problems.append(f"{path}: {shown}: rank {a.shape[0]}, but {CONFIG} says {rank}: the config and the "
+                            "weights come from different adapters")
+        elif magnitude and magnitude[0].shape != (b.shape[0],):
+            problems.append(f"{path}: {m_name} {tuple(magnitude[0].shape)}: expected ({b.shape[0]},), one "
+                            f"magnitude per output row of {b_name}")
+    return problems
+
+
+def load(folder):
+    """Read and check an adapter folder (PEFT layout, or mlx-lm's alone); return (spec, tensors).
+
+    A faulty folder raises UserError naming the file, the field or tensor and the fix: a config that is
+    not a readable JSON object or lacks r / lora_alpha, files from different saves, a truncated weight
+    file, unpaired or misshapen tensors, NaN or infinite values. Nothing in the folder is changed.
+    """
+    folder = Path(folder)
+    config_path = folder / CONFIG
+    if not config_path.is_file():
+        raise UserError(f"{folder}: no {CONFIG}: not an adapter folder")
+    config = _utf8_json(config_path)
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path}: expected a JSON object of adapter settings, got "
+                        f"{type(config).__name__}: save the adapter again")
+    _check_file_hashes(folder, config)
+    if config.get("fine_tune_type", "lora") not in ("lora", "dora"):
+        raise UserError(f"{config_path}: fine_tune_type: {config['fine_tune_type']!r}: only LoRA and DoRA "
+                        "adapters are supported")
+    dora = bool(config.get("use_dora")) or config.get("fine_tune_type") == "dora"
+    layout = next((name for name in (PEFT_WEIGHTS, MLX_WEIGHTS) if (folder / name).is_file()), None)
+    if layout is None:
         raise UserError(f"{folder}: neither {PEFT_WEIGHTS} nor {MLX_WEIGHTS} found")
+    weights = folder / layout
+    rank, scale, dropout, problems = _hyperparameters(config, config_path, peft=layout == PEFT_WEIGHTS)
+    quantized = config.get("tunelab_quantization")
+    if quantized is not None and not (isinstance(quantized, dict) and all(
+            isinstance(quantized.get(k), int) and not isinstance(quantized.get(k), bool)
+            for k in ("bits", "group_size"))):
+        problems.append(f"{config_path}: tunelab_quantization: expected {{\"bits\": int, \"group_size\": int}}, "
+                        f"got {quantized!r}")
+    base_model = config.get("base_model_name_or_path") or ""
+    if not isinstance(base_model, str):
+        problems.append(f"{config_path}: base_model_name_or_path: expected a string, got {base_model!r}")
+    raw = _read_safetensors(weights)
+    tensors, found = _group(raw, layout, weights, dora)
+    problems += found + _check_shapes(tensors, rank, weights, layout)
+    try:
+        check_finite(raw, weights)
+    except UserError as e:
+        problems += e.problems
+    UserError.raise_if(problems)
     layers = sorted({int(m.split(".")[2]) for m in tensors})
     keys = sorted({m.split(".", 3)[3] for m in tensors}, key=lambda k: (k not in DEFAULT_KEYS, k))
-    quantized = config.get("tunelab_quantization")
-    spec = AdapterSpec(rank=rank, scale=scale, dropout=dropout, layers=layers, num_layers=len(layers),
-                       keys=keys, base_model=config.get("base_model_name_or_path", ""), dora=dora,
-                       quantization=(int(quantized["bits"]), int(quantized["group_size"])) if quantized else None)
+    spec = AdapterSpec(rank=rank, scale=float(scale), dropout=float(dropout), layers=layers, num_layers=len(layers),
+                       keys=keys, base_model=base_model, dora=dora,
+                       quantization=(quantized["bits"], quantized["group_size"]) if quantized else None)
     return spec, tensors

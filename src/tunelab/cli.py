@@ -1,11 +1,12 @@
 """Command line: argv -> options -> exactly one stage function. No logic and no defaults here."""
 
 import argparse
+import errno
 import sys
 
 from tunelab import __version__
 from tunelab.config import COMMAND_OPTIONS, add_arguments, resolve
-from tunelab.errors import UserError
+from tunelab.errors import Stopped, UserError
 
 COMMANDS = {
     "prepare": ("Build train/valid/test.jsonl chat data from a dataset, a file or builtin:sql.",
@@ -79,6 +80,23 @@ def main(argv=None):
     except UserError as e:
         print(f"tunelab {command}: error: " + "\n  ".join(e.problems), file=sys.stderr)
         return 2
+    except OSError as e:
+        # The machine's state (a full disk, permissions, a read-only mount), not a bug: name the file and why.
+        full = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        hints = {**dict.fromkeys(full, "free some space; nothing already saved was changed"),
+                 errno.EROFS: "the file system is read-only: choose a folder you can write to",
+                 errno.EACCES: "check its permissions, or choose a folder you can write to",
+                 errno.EPERM: "check its permissions, or choose a folder you can write to",
+                 errno.EISDIR: "it is a folder: give a file's path",
+                 errno.ENOTDIR: "a part of the path is a file, not a folder: fix the path"}
+        if e.errno not in hints:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"tunelab {command}: error: {where}{e.strerror or e}: {hints[e.errno]}", file=sys.stderr)
+        return 2
+    except Stopped as e:
+        print(f"tunelab {command}: {e}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print(f"\ntunelab {command}: interrupted", file=sys.stderr)
         return 130

@@ -9,6 +9,8 @@ and contradictions are all gathered and reported at once.
 
 import argparse
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +97,15 @@ class LoraOptions:
     skip_invalid: bool = opt(False, "Leave out invalid data rows, writing them with their problems to "
                              "<adapter-path>/rejected-<split>.jsonl, instead of stopping.")
     seed: int = opt(0, "Random seed (adapter init, batch order).")
+    resume: bool = opt(False, "Continue the interrupted run in --adapter-path from its newest checkpoint, exactly "
+                       "(adapter, optimizer, data position, random state); the options must be the run's.")
+    resume_adapter_file: str = opt(None, "Start from this adapter's weights (mlx-lm's adapters.safetensors or "
+                                   "PEFT's adapter_model.safetensors), with a fresh optimizer, into a new "
+                                   "--adapter-path (mlx-lm's flag).")
+    keep_checkpoints: int = opt(2, "Checkpoints kept in <adapter-path>/checkpoints (the newest); an older one is "
+                                "removed only after a newer one is complete.")
+    max_bad_steps: int = opt(3, "Steps in a row whose loss or gradients are NaN or infinite (each is skipped, "
+                             "changing nothing) before training stops, the last good checkpoint kept.")
     lora_rank: int = opt(8, "LoRA rank r.")
     lora_scale: float = opt(20.0, "LoRA scale (PEFT's lora_alpha / r).")
     lora_dropout: float = opt(0.0, "LoRA dropout.")
@@ -116,7 +127,8 @@ class LoraOptions:
 class FuseOptions:
     model: str = opt(DEFAULT_MODEL, "Base model the adapter was trained on.")
     adapter_path: str = opt("adapters", "Adapter folder.")
-    save_path: str = opt("fused_model", "Folder to write the merged model into.")
+    save_path: str = opt("fused_model", "Folder to write the merged model into (a new one).")
+    overwrite: bool = opt(False, "Replace --save-path when it holds an earlier `tunelab fuse` output.")
     engine: str = opt("auto", "Compute engine: mlx (Apple silicon) or torch (NVIDIA GPUs, CPUs); auto picks mlx on "
                       "Apple silicon when it is installed, torch elsewhere.", choices=["auto", "torch", "mlx"])
     device: str = opt("auto", "Compute device.", choices=["auto", "cpu", "cuda", "mps"])
@@ -261,7 +273,7 @@ def _coerce(name, value, f, where):
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         value = float(value) if ok else value
     elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -273,6 +285,7 @@ def _coerce(name, value, f, where):
         ok = isinstance(value, str)
     if not ok:
         expected = getattr(kind, "__name__", "value").replace("list_of_str", "list of strings")
+        expected = "finite float" if kind is float and isinstance(value, float) else expected
         return None, f"{where}: {name}: expected {expected}, got {value!r}"
     choices = f.metadata["choices"]
     if choices and value not in choices:
@@ -280,17 +293,65 @@ def _coerce(name, value, f, where):
     return value, None
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, reading `1e-5` as a float the way mlx-lm's config loader does (YAML 1.1 alone
+    wants `1.0e-5`), so a config file that mlx-lm accepts means the same numbers here."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                   |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+_YAML_TYPES = {"list": "a list", "str": "a single value", "int": "a number", "float": "a number",
+               "bool": "true or false"}
+
+
+def _load_yaml(path):
+    """The parsed YAML of a config file; UserError (with the line where one applies) when it is not a
+    readable UTF-8 YAML mapping."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a config file: give the path of a YAML file")
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset {e.start}): "
+                        "save the file as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_ConfigLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        column = f" at column {mark.column + 1}" if mark else ""
+        raise UserError(f"{where}: not valid YAML ({e.problem or e.context}{column}): "
+                        "write one `option: value` a line") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({e}): write one `option: value` a line") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to read: options are a flat mapping of `option: value` "
+                        "lines (lora_parameters one level below)") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        got = _YAML_TYPES.get(type(data).__name__, type(data).__name__)
+        raise UserError(f"{path}: expected a mapping of option names to values (`option: value` lines), "
+                        f"got {got}")
+    return data
+
+
 def read_config_file(path, options_cls):
     """Read a YAML options file into {field: value}; raise UserError listing every bad key."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of option names to values")
+    raw = _load_yaml(path)
     by_name = {f.name: f for f in dataclasses.fields(options_cls)}
     values, problems = {}, []
     flat = []
@@ -303,6 +364,8 @@ def read_config_file(path, options_cls):
                     problems.append(f"{path}: {key}.{sub}: unknown option")
                 else:
                     flat.append((target, sub_value, f"{key}.{sub}"))
+        elif key in _NESTED_KEYS:
+            problems.append(f"{path}: {key}: expected a mapping of {', '.join(_NESTED_KEYS[key])}, got {value!r}")
         else:
             flat.append((key, value, key))
     for name, value, shown in flat:

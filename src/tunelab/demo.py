@@ -7,12 +7,15 @@ row (sql-exec, sql-canonical, loss) and the HTML report -> summary. Every step i
 stage function the CLI command runs.
 """
 
+import contextlib
 import io
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
-from tunelab import engines, evaluate, fuse, generate, runs, train
+from tunelab import atomic, engines, evaluate, fuse, generate, runs, train
 from tunelab.config import EvalOptions, ExportOptions, FuseOptions, GenerateOptions, LoraOptions, PrepareOptions
 from tunelab.export import export
 from tunelab.data.prepare import prepare
@@ -25,14 +28,38 @@ EXAMPLE_SCHEMA = "CREATE TABLE table_13505192_3 (series_number INTEGER, season_n
 EXAMPLE_QUESTION = "What is the series number for season episode 24?"
 
 
-def _claim_folder(out):
-    """The demo may replace only a folder it made itself."""
+def _check_options(opts):
+    problems = [f"--{n.replace('_', '-')}: must be at least 1, got {getattr(opts, n)}"
+                for n in ("iters", "max_tokens") if getattr(opts, n) < 1]
+    if opts.num_layers == 0 or opts.num_layers < -1:
+        problems.append(f"--num-layers: must be -1 (all) or at least 1, got {opts.num_layers}")
+    if opts.learning_rate <= 0:
+        problems.append(f"--learning-rate: must be positive, got {opts.learning_rate}")
+    UserError.raise_if(problems)
+
+
+@contextlib.contextmanager
+def _claimed(out):
+    """The demo's folder: new, or an earlier demo's, which is set aside and comes back if this run fails."""
+    previous = None
     if out.exists():
         if not (out / MARKER).is_file():
             raise UserError(f"{out}: exists and was not made by `tunelab demo`; choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / MARKER).write_text("made by tunelab demo; the next demo run replaces this folder\n")
+        atomic.remove_stale(out.parent, out.name)
+        previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".old", dir=out.parent))
+        os.rmdir(previous)
+        os.replace(out, previous)
+    try:
+        out.mkdir(parents=True)
+        (out / MARKER).write_text("made by tunelab demo; the next demo run replaces this folder\n")
+        yield out
+    except BaseException:
+        if previous is not None:
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(previous, out)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def _answer(model_ref, adapter_path, system_prompt, max_tokens, log, engine_name="auto"):
@@ -45,8 +72,12 @@ def _answer(model_ref, adapter_path, system_prompt, max_tokens, log, engine_name
 
 def demo(opts, log=print):
     started = time.perf_counter()
-    out = Path(opts.out)
-    _claim_folder(out)
+    _check_options(opts)
+    with _claimed(Path(opts.out)) as out:
+        return _run(opts, out, started, log)
+
+
+def _run(opts, out, started, log):
     data, adapter_dir, fused_dir = out / "data", out / "adapters", out / "fused_model"
     system_prompt = PrepareOptions().system.format(context=EXAMPLE_SCHEMA)
 

@@ -17,3 +17,12 @@ class UserError(Exception):
     def raise_if(problems):
         if problems:
             raise UserError(problems)
+
+
+class Stopped(Exception):
+    """A run stopped on a signal after saving what it had: the CLI prints the message and exits with `code`
+    (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from tunelab import atomic, engines, metrics, runs
 from tunelab.data.batching import collate, eval_batches
-from tunelab.data.formats import json_lines, read_rows
+from tunelab.data.formats import read_json_lines, read_rows
 from tunelab.data.templates import encode_rows, end_of_turn_ids, prompt_tokens, split_answer
 from tunelab.errors import UserError
 
@@ -173,10 +173,13 @@ def from_model(candidate, raw_rows, fmt, rows, metric_names, opts, log):
 
 
 def from_file(path, rows):
-    """Answers from a JSON Lines file: {"index": i or "prompt": text, "answer": text} per line."""
+    """Answers from a JSON Lines file: {"index": i or "prompt": text, "answer": text} per line. Every bad
+    line (not UTF-8, not a JSON object, no answer, an index that names no row) is reported at once."""
     path = Path(path)
-    objects, problems = json_lines(path, path.read_text(encoding="utf-8"))
+    objects, problems = read_json_lines(path, what="predictions file")
     problems = [text for _, text in problems]
+    if not objects and not problems:
+        problems.append(f"{path}: no answers: write one {{\"index\": row number, \"answer\": text}} object a line")
     by_question = {}
     for r in rows:
         by_question.setdefault(r.question.strip(), []).append(r.index)
@@ -184,7 +187,8 @@ def from_file(path, rows):
     for line_no, obj in objects:
         where = f"{path}:{line_no}"
         if not isinstance(obj.get("answer"), str):
-            problems.append(f"{where}: answer: expected a string (the model's answer to the row)")
+            got = "nothing" if "answer" not in obj else json.dumps(obj["answer"])[:60]
+            problems.append(f"{where}: answer: expected a string (the model's answer to the row), got {got}")
             continue
         if "index" in obj:
             index = obj["index"]

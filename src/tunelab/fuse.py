@@ -8,7 +8,10 @@ is written under a temporary name and renamed into place only when complete.
 import json
 from pathlib import Path
 
-from tunelab import atomic, engines
+import numpy as np
+
+from tunelab import atomic, engines, outputs
+from tunelab.errors import UserError
 
 
 def _portable_config(folder):
@@ -21,13 +24,48 @@ def _portable_config(folder):
         atomic.write_json(path, config)
 
 
+MARKER = "tunelab_fuse.json"
+
+
+def _local(reference):
+    """The path behind a model reference when it names a local file or folder."""
+    path = Path(reference).expanduser()
+    return path if path.exists() else None
+
+
 def fuse(opts, log=print):
     adapter_dir = Path(opts.adapter_path)
-    engine, model, _ = engines.load(opts.model, adapter_dir, opts.device, log=log, engine=opts.engine)
     save_path = Path(opts.save_path)
-    with atomic.atomic_dir(save_path) as tmp:
+    inputs = [("the adapter folder", adapter_dir), ("the base model", _local(opts.model))]
+    outputs.check_target(save_path, "--save-path", overwrite=opts.overwrite, inputs=inputs, marker=MARKER,
+                         command="fuse")
+    engine, model, model_dir = engines.load(opts.model, adapter_dir, opts.device, log=log, engine=opts.engine)
+    replace = outputs.check_target(save_path, "--save-path", overwrite=opts.overwrite,
+                                   inputs=inputs + [("the base model's folder", model_dir)], marker=MARKER,
+                                   command="fuse")
+    with atomic.atomic_dir(save_path, replace=replace) as tmp:
         engine.fuse(model, tmp)
         _portable_config(tmp)
-        atomic.write_json(tmp / "tunelab_fuse.json", {"base_model": opts.model, "adapter": str(adapter_dir)})
+        _check_finite(tmp)
+        atomic.write_json(tmp / MARKER, {"base_model": opts.model, "adapter": str(adapter_dir)})
     log(f"Fused model saved to {save_path}")
     return save_path
+
+
+def _check_finite(folder):
+    """Refuse merged weights holding NaN or infinite values (the folder is then not written)."""
+    from safetensors import safe_open
+
+    bad = []
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as f:
+            for name in f.keys():
+                try:
+                    values = f.get_tensor(name)
+                except TypeError:   # bfloat16: numpy has no such type
+                    continue
+                if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+                    bad.append(name)
+    if bad:
+        raise UserError(f"the merged weights {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} hold NaN or "
+                        "infinite values: nothing was written; check the base model and the adapter")

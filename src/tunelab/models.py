@@ -7,14 +7,18 @@ A reference is one of:
   - a local .gguf file of the llama or qwen2 architecture;
   - a Hugging Face repo id, fetched with huggingface_hub (HF_ENDPOINT, the local cache and
     HF_HUB_OFFLINE are honoured).
-GGUF files are imported once into the user's cache: weights dequantized to float32 with numpy,
-llama's Q/K row permutation undone, tokenizer and chat template taken from the GGUF metadata.
+A local folder is checked before anything loads it (`check_folder`): config.json readable, no
+custom code (tunelab never runs a model's own Python), every safetensors header consistent with
+its file's size, every shard the index names present. GGUF files are imported once into the
+user's cache: weights dequantized to float32 with numpy, llama's Q/K row permutation undone,
+tokenizer and chat template taken from the GGUF metadata.
 """
 
 import hashlib
 import importlib.util
 import json
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -88,14 +92,132 @@ def download(repo_id):
 
 
 def check_folder(path):
+    """Check a local model folder before anything loads it, gathering every problem into one UserError:
+    config.json (present, valid JSON, no custom code), each *.safetensors file (header against file size),
+    the shard index (every shard present) and a tokenizer that would need custom code."""
     path = Path(path)
     problems = []
-    if not (path / "config.json").is_file():
+    config_path = path / "config.json"
+    if not config_path.is_file():
         problems.append(f"{path}: no config.json: not a Hugging Face model folder")
-    elif not any(path.glob("*.safetensors")):
-        problems.append(f"{path}: no *.safetensors weights (tunelab never loads pickled .bin weights)")
-    UserError.raise_if(problems)
+    else:
+        config, problem = _read_json(config_path)
+        problems.append(problem or _custom_model_problem(config, config_path))
+        weights = sorted(path.glob("*.safetensors"))
+        if not weights:
+            problems.append(f"{path}: no *.safetensors weights (tunelab never loads pickled .bin weights)")
+        for weight_file in weights:
+            try:
+                safetensors_header(weight_file)
+            except UserError as e:
+                problems += e.problems
+        problems.append(_index_problem(path / "model.safetensors.index.json"))
+        problems.append(_custom_tokenizer_problem(path / "tokenizer_config.json"))
+    UserError.raise_if([p for p in problems if p])
     return path
+
+
+CUSTOM_CODE = "this model needs its own Python code, which tunelab never runs; use a model of a supported architecture"
+
+
+def _read_json(path):
+    """(parsed JSON, None) or (None, a problem naming path:line:col)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8")), None
+    except json.JSONDecodeError as e:
+        return None, f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}"
+    except UnicodeDecodeError:
+        return None, f"{path}: not UTF-8 text, so not JSON"
+
+
+def _custom_model_problem(config, config_path):
+    """A problem when config.json is not an object, or maps to custom code for a model_type transformers lacks."""
+    if not isinstance(config, dict):
+        return f"{config_path}: expected a JSON object, found {type(config).__name__}"
+    if "auto_map" not in config:
+        return None
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return None if config.get("model_type") in CONFIG_MAPPING_NAMES else f"{config_path}: auto_map: {CUSTOM_CODE}"
+
+
+def _custom_tokenizer_problem(path):
+    """A problem when tokenizer_config.json maps to custom code for a tokenizer class transformers lacks."""
+    if not path.is_file():
+        return None
+    config, problem = _read_json(path)
+    if problem or not isinstance(config, dict) or "auto_map" not in config:
+        return problem
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    name = config.get("tokenizer_class")
+    return None if isinstance(name, str) and tokenizer_class_from_name(name) else f"{path}: auto_map: {CUSTOM_CODE}"
+
+
+def _index_problem(index):
+    """A problem when model.safetensors.index.json is unreadable or names a shard missing beside it."""
+    if not index.is_file():
+        return None
+    data, problem = _read_json(index)
+    if problem:
+        return problem
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        return f"{index}: expected a weight_map of tensor name -> shard file name"
+    odd = sorted({f for f in weight_map.values() if Path(f).name != f or f in ("", ".", "..")})
+    if odd:
+        return f"{index}: shard names must be plain file names beside it: {', '.join(odd)}"
+    missing = sorted({f for f in weight_map.values() if not (index.parent / f).is_file()})
+    if missing:
+        return f"{index}: names shard files that are missing: {', '.join(missing)}"
+    return None
+
+
+SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024   # the safetensors library's own limit, in bytes
+
+
+def safetensors_header(path):
+    """The JSON header of a safetensors file ({name: {dtype, shape, data_offsets}}), checked cheaply against the
+    file's size without reading the data; UserError naming the file if it is short, empty or not safetensors."""
+    path = Path(path)
+    size = path.stat().st_size
+    where = f"{path}: truncated or not a safetensors file"
+    if size < 8:
+        raise UserError(f"{where}: {size} bytes, expected at least 8")
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if 8 + header_len > size:
+            raise UserError(f"{where}: {size} bytes, expected at least {8 + header_len}")
+        if header_len > SAFETENSORS_MAX_HEADER:
+            raise UserError(f"{where}: a {header_len}-byte header, over safetensors' limit of {SAFETENSORS_MAX_HEADER}")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{where}: its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{where}: its header is not a JSON object")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] and isinstance(info.get("shape"), list)):
+            raise UserError(f"{where}: tensor {name!r} has no valid shape and data_offsets in the header")
+        end = max(end, offsets[1])
+    if 8 + header_len + end > size:
+        raise UserError(f"{where}: {size} bytes, expected at least {8 + header_len + end}")
+    return header
+
+
+def weight_shapes(folder):
+    """{tensor name: shape} of every weight in a model folder's safetensors files, from their headers alone."""
+    shapes = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        shapes.update({name: tuple(info["shape"]) for name, info in safetensors_header(path).items()
+                       if name != "__metadata__"})
+    return shapes
 
 
 # ---- GGUF import -------------------------------------------------------------------------
@@ -284,7 +406,7 @@ def _gguf_tokenizer(path, reader):
     with the pre-tokenizer the file names (the converter applies GPT-2's to every BPE vocabulary)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     if _field(reader, "tokenizer.ggml.model") == "gpt2":
         pre = pre_tokenizer(_field(reader, "tokenizer.ggml.pre", "gpt-2"))
         if pre is not None:

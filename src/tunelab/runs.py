@@ -64,11 +64,15 @@ class MetricsLog:
     def __init__(self, run_dir):
         self.path = Path(run_dir) / METRICS
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "w", encoding="utf-8")
+        self.file = open(self.path, "a", encoding="utf-8")
 
     def write(self, **record):
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+
+    def size(self):
+        """Bytes written so far (the offset a checkpoint records)."""
+        return self.file.tell()
 
     def close(self):
         self.file.close()

@@ -7,16 +7,20 @@ saving, the progress line).
 """
 
 import dataclasses
+import math
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from tunelab import adapters, engines, evaluate, models, runs
+from tunelab import adapters, checkpoints, engines, evaluate, models, runs
 from tunelab.data.batching import common_start, eval_batches, training_batches
 from tunelab.data.formats import quarantine, read_rows, scan_rows
 from tunelab.data.templates import encode_rows, set_chat_template
-from tunelab.errors import UserError
+from tunelab.errors import Stopped, UserError
 
 
 def check_options(opts):
@@ -30,6 +34,15 @@ def check_options(opts):
                  for n in positive if getattr(opts, n) < 1]
     if opts.num_layers == 0 or opts.num_layers < -1:
         problems.append(f"--num-layers: must be -1 (all) or at least 1, got {opts.num_layers}")
+    problems += [f"--{n.replace('_', '-')}: must be at least 1, got {getattr(opts, n)}"
+                 for n in ("keep_checkpoints", "max_bad_steps") if getattr(opts, n) < 1]
+    if opts.resume and opts.resume_adapter_file:
+        problems.append("--resume continues a run exactly from its checkpoint; --resume-adapter-file starts a new "
+                        "one from an adapter's weights: pass one of them")
+    if (opts.resume or opts.resume_adapter_file) and not opts.train:
+        problems.append("--resume and --resume-adapter-file need --train")
+    if opts.train and not opts.adapter_path:
+        problems.append("--adapter-path: a folder is needed to train into")
     if opts.learning_rate <= 0:
         problems.append(f"--learning-rate: must be positive, got {opts.learning_rate}")
     if not 0 <= opts.lora_dropout < 1:
@@ -89,11 +102,68 @@ FILL_TOKENS = 4096   # positions a batch (rows times the longest row) when the f
                      # ahead of training: rows that begin alike compute that beginning once a batch
 
 
-def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print):
-    """Train for opts.iters steps; report, validate and save on the configured cadence."""
+class _StopRequest:
+    """SIGINT / SIGTERM during training: the first asks the loop to finish its step and save a checkpoint;
+    a second stops at once (atomic writes leave the last checkpoint whole)."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def __call__(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        self.signum = signum
+        tqdm.write(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                   "(again to stop at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def _collapse(loss, start, vocab_size, loop):
+    """Why `loss` shows a collapsed model (None when it does not): at ln(vocabulary size), where every
+    token is equally likely, twice in a row (train reports and validations), or a validation loss far
+    above where the run started (`start`)."""
+    uniform = math.log(vocab_size) if vocab_size else None
+    loop["uniform"] = loop.get("uniform", 0) + 1 if uniform and abs(loss - uniform) < 1e-3 * uniform else 0
+    if loop["uniform"] >= 2:
+        return f"is ln(vocabulary size) = {uniform:.3f}: every token is equally likely, the model has collapsed"
+    if start is not None and loss > start + max(1.0, start):
+        return f"is far above the {start:.3f} the run started from"
+    return None
+
+
+def _resume_command(opts):
+    return f"tunelab lora --train --resume --adapter-path {opts.adapter_path} (with this run's other options)"
+
+
+def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, resume=None, vocab_size=None,
+               record=None):
+    """Train up to opts.iters steps; report, validate and checkpoint on the configured cadence.
+
+    `resume`: (state arrays, state) of the checkpoint to continue from. Every step's outcome is the
+    same as in a run that was never interrupted: the data order, optimizer and random states, and the
+    unreported part of the loss window all come back."""
     optimizer = engine.make_optimizer(model, opts.learning_rate)
+    loop = {"step": 0, "window": [0.0, 0, 0], "val_loss": None, "start_val": None, "last_loss": None, "bad": 0,
+            "uniform": 0}
+    if resume is not None:
+        arrays, saved = resume
+        engine.load_training_state(model, optimizer, arrays)
+        loop.update(saved["loop"])
+        checkpoints.truncate_metrics(run_dir, saved["metrics_bytes"])
+    micro_batches = opts.grad_accumulation_steps
     metrics = runs.MetricsLog(run_dir)
-    batches = training_batches(train_set, opts.batch_size, opts.seed)
+    batches = training_batches(train_set, opts.batch_size, opts.seed, start=loop["step"] * micro_batches)
+    saved_step = loop["step"]
 
     def validate(step):
         loss, _ = evaluate.loss_and_ppl(engine, model, valid_set, opts.batch_size, opts.val_batches)
@@ -101,91 +171,208 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print):
         tqdm.write(f"Iter {step}: Val loss {loss:.3f}")
         return loss
 
-    def save(step):
-        adapters.save(run_dir, model.spec, engine.adapter_tensors(model),
-                      extra_config={"tunelab": {"step": step}})
+    def checkpoint(step):
+        nonlocal saved_step
+        checkpoints.write(run_dir, step, model.spec, engine.adapter_tensors(model),
+                          engine.training_state(model, optimizer),
+                          {"step": step, "batches": step * micro_batches, "metrics_bytes": metrics.size(),
+                           "loop": dict(loop, step=step), "options": dataclasses.asdict(opts), **(record or {})},
+                          opts.keep_checkpoints)
+        saved_step = step
 
-    val_loss = validate(0)
-    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-    rows_seen = opts.iters * opts.batch_size * opts.grad_accumulation_steps
-    if model.prefix is not None and rows_seen >= len(train_set):
-        # Every row comes back: run the frozen blocks over all of them first, FILL_TOKENS positions a
-        # batch, with a progress bar of its own (this time counts in the first report's speed).
-        longest = max(len(ex.tokens) for ex in train_set)
-        groups = list(eval_batches(train_set, max(1, FILL_TOKENS // longest)))
-        engine.fill_prefix(model, tqdm(groups, desc="Frozen blocks, once per row", unit="batch", leave=False,
-                                       dynamic_ncols=True, disable=None))
-    last_loss, tokens_per_s = None, 0.0
-    bar = tqdm(total=opts.iters, desc="Training", unit="it", dynamic_ncols=True, disable=None,
-               bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining} {postfix}")
+    def refuse(step, what):
+        kept = f"{run_dir} keeps the checkpoint of step {saved_step}" if saved_step else "no adapter was saved"
+        raise UserError(f"step {step}: the {what}; training stopped without saving this state ({kept}); "
+                        "lower --learning-rate")
+
     try:
-        for step in range(1, opts.iters + 1):
-            micro = [next(batches) for _ in range(opts.grad_accumulation_steps)]
-            result = engine.train_step(model, optimizer, micro if len(micro) > 1 else micro[0])
-            window_loss += result.loss
-            window_steps += 1
-            window_tokens += sum(b.real_tokens for b in micro)
-            if step % opts.steps_per_report == 0 or step == opts.iters:
-                seconds = time.perf_counter() - window_start
-                last_loss, tokens_per_s = window_loss / window_steps, window_tokens / seconds
-                peak = engine.peak_memory()
-                metrics.write(step=step, train_loss=last_loss, learning_rate=opts.learning_rate,
-                              iterations_per_s=window_steps / seconds, tokens_per_s=tokens_per_s,
-                              peak_memory_gb=peak / 1e9)
-                tqdm.write(f"Iter {step}: Train loss {last_loss:.3f}, It/sec {window_steps / seconds:.3f}, "
-                           f"Tokens/sec {tokens_per_s:.1f}, Peak mem {peak / 1e9:.3f} GB")
-                window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-            paused = time.perf_counter()  # validation and saving do not count against tokens/s
-            if step % opts.steps_per_eval == 0 or step == opts.iters:
-                val_loss = validate(step)
-            if step % opts.save_every == 0 or step == opts.iters:
-                save(step)
-            window_start += time.perf_counter() - paused
-            bar.set_postfix_str(_progress_text(step, last_loss, val_loss, tokens_per_s, engine.peak_memory()),
-                                refresh=False)
-            bar.update(1)
+        with _StopRequest() as stop:
+            if resume is None:
+                loop["val_loss"] = loop["start_val"] = validate(0)
+            window_start = time.perf_counter()
+            rows_seen = opts.iters * opts.batch_size * micro_batches
+            if model.prefix is not None and rows_seen >= len(train_set):
+                # Every row comes back: run the frozen blocks over all of them first, FILL_TOKENS positions a
+                # batch, with a progress bar of its own (this time counts in the first report's speed).
+                longest = max(len(ex.tokens) for ex in train_set)
+                groups = list(eval_batches(train_set, max(1, FILL_TOKENS // longest)))
+                engine.fill_prefix(model, tqdm(groups, desc="Frozen blocks, once per row", unit="batch", leave=False,
+                                               dynamic_ncols=True, disable=None))
+            tokens_per_s = 0.0
+            bar = tqdm(total=opts.iters, initial=loop["step"], desc="Training", unit="it", dynamic_ncols=True,
+                       disable=None, bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining} {postfix}")
+            try:
+                for step in range(loop["step"] + 1, opts.iters + 1):
+                    if stop.signum is not None:
+                        break
+                    micro = [next(batches) for _ in range(micro_batches)]
+                    result = engine.train_step(model, optimizer, micro if len(micro) > 1 else micro[0])
+                    loop["step"] = step
+                    if not result.finite:
+                        loop["bad"] += 1
+                        metrics.write(step=step, skipped="non-finite loss or gradient")
+                        tqdm.write(f"Iter {step}: loss {result.loss}: a NaN or infinite loss or gradient; step skipped")
+                        if loop["bad"] >= opts.max_bad_steps:
+                            refuse(step, f"loss or gradients were NaN or infinite {loop['bad']} steps in a row")
+                    else:
+                        loop["bad"] = 0
+                        window = loop["window"]
+                        window[0] += result.loss
+                        window[1] += 1
+                        window[2] += sum(b.real_tokens for b in micro)
+                    if (step % opts.steps_per_report == 0 or step == opts.iters) and loop["window"][1]:
+                        window_loss, window_steps, window_tokens = loop["window"]
+                        seconds = time.perf_counter() - window_start
+                        loop["last_loss"], tokens_per_s = window_loss / window_steps, window_tokens / seconds
+                        peak = engine.peak_memory()
+                        metrics.write(step=step, train_loss=loop["last_loss"], learning_rate=opts.learning_rate,
+                                      iterations_per_s=window_steps / seconds, tokens_per_s=tokens_per_s,
+                                      peak_memory_gb=peak / 1e9)
+                        tqdm.write(f"Iter {step}: Train loss {loop['last_loss']:.3f}, It/sec {window_steps / seconds:.3f}, "
+                                   f"Tokens/sec {tokens_per_s:.1f}, Peak mem {peak / 1e9:.3f} GB")
+                        loop["window"] = [0.0, 0, 0]
+                        window_start = time.perf_counter()
+                        why = _collapse(loop["last_loss"], None, vocab_size, loop)
+                        if why:
+                            refuse(step, f"training loss {loop['last_loss']:.3f} {why}")
+                    paused = time.perf_counter()  # validation and saving do not count against tokens/s
+                    if step % opts.steps_per_eval == 0 or step == opts.iters:
+                        loop["val_loss"] = validate(step)
+                        why = _collapse(loop["val_loss"], loop["start_val"], vocab_size, loop)
+                        if why:
+                            refuse(step, f"validation loss {loop['val_loss']:.3f} {why}")
+                    if step % opts.save_every == 0 or step == opts.iters:
+                        checkpoint(step)
+                    window_start += time.perf_counter() - paused
+                    bar.set_postfix_str(_progress_text(step, loop["last_loss"], loop["val_loss"], tokens_per_s,
+                                                       engine.peak_memory()), refresh=False)
+                    bar.update(1)
+                if stop.signum is not None and loop["step"] < opts.iters:
+                    if loop["step"] > saved_step:
+                        checkpoint(loop["step"])
+                    bar.close()
+                    where = (f"the checkpoint of step {saved_step} is in {run_dir}; resume with: {_resume_command(opts)}"
+                             if saved_step else "no step was finished, so there is nothing to resume")
+                    raise Stopped(f"stopped by {signal.Signals(stop.signum).name} at step {loop['step']} of "
+                                  f"{opts.iters}: {where}", 128 + stop.signum)
+            finally:
+                bar.close()
     finally:
-        bar.close()
         metrics.close()
     log(f"Saved adapter to {run_dir}")
-    return last_loss, val_loss
+    return loop["last_loss"], loop["val_loss"]
+
+
+def open_run(opts, log=print):
+    """Lock the run folder and decide how this run starts in it: fresh (a new or empty folder), or from
+    its newest committed checkpoint (--resume). Anything else is refused before any work.
+    Returns (lock, checkpoint folder or None)."""
+    run_dir = Path(opts.adapter_path)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--adapter-path {run_dir}: is a file, not a folder")
+    lock = checkpoints.RunLock(run_dir).acquire()
+    try:
+        cleaned = checkpoints.clean(run_dir)
+        if cleaned:
+            log(f"{run_dir}: removed {cleaned} temporary file(s) left by an interrupted save")
+        if opts.resume:
+            done = checkpoints.committed(run_dir)
+            if not done:
+                hint = (f"; to start from its adapter's weights instead: --resume-adapter-file "
+                        f"{run_dir / adapters.MLX_WEIGHTS} with a new --adapter-path"
+                        if (run_dir / adapters.CONFIG).is_file() else "")
+                raise UserError(f"--resume: {run_dir} has no complete checkpoint to resume from{hint}")
+            checkpoints.repair(run_dir, log)
+            return lock, done[-1]
+        held = checkpoints.run_contents(run_dir)
+        if held:
+            shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+            raise UserError(f"--adapter-path {run_dir}: already holds {shown}, and nothing there is replaced: pass "
+                            "--resume to continue its run, or choose a new --adapter-path to start fresh")
+    except BaseException:
+        lock.release()
+        raise
+    return lock, None
+
+
+def _train(engine, model, model_dir, opts, resume_from, log):
+    """Set the adapters up (fresh, from --resume-adapter-file, or from a checkpoint) and run the loop."""
+    train_set = load_split(model, opts.data, "train", opts, log)
+    valid_set = load_split(model, opts.data, "valid", opts, log)
+    config = models.read_config(model_dir)
+    spec = adapters.spec_for(opts.num_layers, config["num_hidden_layers"], opts.lora_rank, opts.lora_scale,
+                             opts.lora_dropout, opts.lora_keys, base_model=opts.model,
+                             dora=opts.fine_tune_type == "dora")
+    spec.quantization = getattr(model, "quantized", None)
+    engine.attach_lora(model, spec, seed=opts.seed)
+    run_dir = Path(opts.adapter_path)
+    data_files = [Path(opts.data) / f"{s}.jsonl" for s in ("train", "valid")]
+    hashes = {p.name: runs.file_sha256(p) for p in data_files}
+    resume = None
+    if resume_from is not None:
+        _, tensors, arrays, state = checkpoints.read(resume_from)
+        changed = checkpoints.differences(state["options"], dataclasses.asdict(opts))
+        changed += [f"{opts.data}/{name}: changed since the checkpoint" for name, digest in hashes.items()
+                    if state.get("data", {}).get(name) not in (None, digest)]
+        if changed:
+            raise UserError([f"--resume: {resume_from} was written with other options than this run's:"] + changed +
+                            ["run again with the checkpoint's options (they are in its trainer_state.json)"])
+        engine.set_adapter(model, spec, tensors)
+        resume = (arrays, state)
+        log(f"Resuming from {resume_from} (step {state['step']} of {opts.iters})")
+    elif opts.resume_adapter_file:
+        engine.set_adapter(model, spec, _start_weights(opts.resume_adapter_file))
+        log(f"Starting from the adapter weights in {opts.resume_adapter_file} (fresh optimizer, step 0)")
+    if resume is None:
+        runs.write_manifest(run_dir, dataclasses.asdict(opts), {"engine": engine.name, "device": str(model.device),
+                            "dtype": str(model.dtype).split(".")[-1]}, model_dir, data_files)
+    supervised = sum(int(ex.supervised.sum()) for ex in train_set)
+    tokens = sum(len(ex.tokens) for ex in train_set)
+    kind = "DoRA" if spec.dora else "LoRA"
+    log(f"Training {len(spec.modules())} {kind} modules (rank {spec.rank}, scale {spec.scale:g}) on the top "
+        f"{spec.num_layers} blocks; {len(train_set)} rows, {tokens} tokens, "
+        f"{100 * supervised / tokens:.0f}% supervised")
+    for line in engine.savings(model, len(train_set) + len(valid_set),
+                               tokens + sum(len(ex.tokens) for ex in valid_set),
+                               common_start([ex.tokens for ex in train_set])):
+        log(f"Saving: {line}")
+    train_loop(engine, model, train_set, valid_set, opts, run_dir, log=log, resume=resume,
+               vocab_size=config.get("vocab_size"), record={"data": hashes})
+
+
+def _start_weights(path):
+    """The adapter tensors of --resume-adapter-file (either layout, its adapter_config.json beside it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--resume-adapter-file {path}: file not found")
+    if path.name not in (adapters.PEFT_WEIGHTS, adapters.MLX_WEIGHTS):
+        raise UserError(f"--resume-adapter-file {path}: expected {adapters.MLX_WEIGHTS} or {adapters.PEFT_WEIGHTS} "
+                        f"with its {adapters.CONFIG} beside it")
+    return adapters.load(path.parent)[1]
 
 
 def lora(opts, log=print):
     """The `tunelab lora` stage. Returns {'test_loss', 'test_ppl'} when --test is given."""
     check_options(opts)
-    tested_adapter = opts.adapter_path if opts.test and not opts.train else None  # '' = the base model
-    quantize = (opts.quantize, opts.q_group_size) if opts.quantize else None
-    engine, model, model_dir = engines.load(opts.model, tested_adapter, opts.device, opts.dtype, log=log,
-                                            engine=opts.engine, quantize=quantize, training=opts.train)
-    if opts.chat_template:
-        set_chat_template(model.tokenizer, opts.chat_template)
+    created = not Path(opts.adapter_path).exists()
+    lock, resume_from = open_run(opts, log) if opts.train else (None, None)
+    try:
+        tested_adapter = opts.adapter_path if opts.test and not opts.train else None  # '' = the base model
+        quantize = (opts.quantize, opts.q_group_size) if opts.quantize else None
+        engine, model, model_dir = engines.load(opts.model, tested_adapter, opts.device, opts.dtype, log=log,
+                                                engine=opts.engine, quantize=quantize, training=opts.train)
+        if opts.chat_template:
+            set_chat_template(model.tokenizer, opts.chat_template)
+        if opts.train:
+            _train(engine, model, model_dir, opts, resume_from, log)
+    except BaseException:
+        if created and lock is not None and not checkpoints.run_contents(opts.adapter_path):
+            shutil.rmtree(opts.adapter_path, ignore_errors=True)   # the empty folder this run made
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
     result = {}
-    if opts.train:
-        train_set = load_split(model, opts.data, "train", opts, log)
-        valid_set = load_split(model, opts.data, "valid", opts, log)
-        total_layers = models.read_config(model_dir)["num_hidden_layers"]
-        spec = adapters.spec_for(opts.num_layers, total_layers, opts.lora_rank, opts.lora_scale,
-                                 opts.lora_dropout, opts.lora_keys, base_model=opts.model,
-                                 dora=opts.fine_tune_type == "dora")
-        spec.quantization = getattr(model, "quantized", None)
-        engine.attach_lora(model, spec, seed=opts.seed)
-        run_dir = Path(opts.adapter_path)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        data_files = [Path(opts.data) / f"{s}.jsonl" for s in ("train", "valid")]
-        runs.write_manifest(run_dir, dataclasses.asdict(opts), {"engine": engine.name, "device": str(model.device),
-                            "dtype": str(model.dtype).split(".")[-1]}, model_dir, data_files)
-        supervised = sum(int(ex.supervised.sum()) for ex in train_set)
-        tokens = sum(len(ex.tokens) for ex in train_set)
-        kind = "DoRA" if spec.dora else "LoRA"
-        log(f"Training {len(spec.modules())} {kind} modules (rank {spec.rank}, scale {spec.scale:g}) on the top "
-            f"{spec.num_layers} blocks; {len(train_set)} rows, {tokens} tokens, "
-            f"{100 * supervised / tokens:.0f}% supervised")
-        for line in engine.savings(model, len(train_set) + len(valid_set),
-                                   tokens + sum(len(ex.tokens) for ex in valid_set),
-                                   common_start([ex.tokens for ex in train_set])):
-            log(f"Saving: {line}")
-        train_loop(engine, model, train_set, valid_set, opts, run_dir, log=log)
     if opts.test:
         test_set = load_split(model, opts.data, "test", opts, log)
         loss, ppl = evaluate.loss_and_ppl(engine, model, test_set, opts.batch_size, opts.test_batches)

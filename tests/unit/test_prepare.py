@@ -49,8 +49,25 @@ def test_refuses_to_replace_existing_output(tmp_path):
     with pytest.raises(UserError, match="already exists"):
         prepare(PrepareOptions(out=str(out)), log=lambda *_: None)
     assert (out / "mine.txt").read_text() == "keep"
-    prepare(PrepareOptions(out=str(out), overwrite=True), log=lambda *_: None)
-    assert not (out / "mine.txt").exists() and (out / "train.jsonl").exists()
+    with pytest.raises(UserError, match="not made by `tunelab prepare`"):   # --overwrite: only prepare's own output
+        prepare(PrepareOptions(out=str(out), overwrite=True), log=lambda *_: None)
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+
+
+def test_overwrite_replaces_an_earlier_output_and_never_the_source(tmp_path):
+    out = tmp_path / "d"
+    prepare(PrepareOptions(out=str(out), seed=1), log=lambda *_: None)
+    first = (out / "train.jsonl").read_text()
+    with pytest.raises(UserError, match="already exists"):
+        prepare(PrepareOptions(out=str(out), seed=2), log=lambda *_: None)
+    assert (out / "train.jsonl").read_text() == first
+    prepare(PrepareOptions(out=str(out), seed=2, overwrite=True), log=lambda *_: None)
+    assert (out / "train.jsonl").read_text() != first
+    source = out / "train.jsonl"
+    with pytest.raises(UserError, match="holds the source"):
+        prepare(PrepareOptions(source=str(source), out=str(out), overwrite=True, num_rows=-1, valid_rows=0.2,
+                               test_rows=0.2, system="", user="{messages}", assistant="x"), log=lambda *_: None)
+    assert source.is_file()
 
 
 def write_csv(path, rows):

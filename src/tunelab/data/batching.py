@@ -52,13 +52,19 @@ def _length_groups(examples, batch_size):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def training_batches(examples, batch_size, seed):
-    """Endless batches: rows of similar length together, batch order reshuffled every epoch."""
+def training_batches(examples, batch_size, seed, start=0):
+    """Endless batches: rows of similar length together, batch order reshuffled every epoch.
+
+    `start`: how many batches to pass over first (a resumed run continues the same sequence)."""
     groups = _length_groups(examples, batch_size)
     rng = np.random.default_rng(seed)
+    for _ in range(start // len(groups)):
+        rng.permutation(len(groups))
+    skip = start % len(groups)
     while True:
-        for g in rng.permutation(len(groups)):
+        for g in rng.permutation(len(groups))[skip:]:
             yield collate([examples[i] for i in groups[g]], keys=[(id(examples), int(i)) for i in groups[g]])
+        skip = 0
 
 
 def eval_batches(examples, batch_size, max_batches=-1):

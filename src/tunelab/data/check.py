@@ -50,7 +50,7 @@ def check(opts, log=print):
     present = [s for s in SPLITS if (data / f"{s}.jsonl").is_file()]
     if not present:
         raise UserError(f"--data {data}: no train.jsonl, valid.jsonl or test.jsonl there (make them with `tunelab prepare`)")
-    tokenizer = AutoTokenizer.from_pretrained(str(models.resolve(opts.model, log=log)))
+    tokenizer = AutoTokenizer.from_pretrained(str(models.resolve(opts.model, log=log)), trust_remote_code=False)
     if opts.chat_template:
         set_chat_template(tokenizer, opts.chat_template)
     loaded, problems, stats, encoded = {}, [], {}, {}

@@ -131,34 +131,94 @@ def detect_format(row):
     return None
 
 
+_JSON_TYPES = {"list": "an array", "str": "a string", "int": "a number", "float": "a number",
+               "bool": "true or false", "NoneType": "null"}
+
+
+def _parse_line(path, line_no, line):
+    """One line of a JSON Lines file: (object, None), or (None, the problem with its file and line)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, (f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno}): "
+                      "write one JSON object per line")
+    except RecursionError:
+        return None, (f"{path}:{line_no}: nested too deeply to read (arrays or objects inside one another "
+                      "hundreds of levels deep): write each row as a flat JSON object")
+    if not isinstance(obj, dict):
+        got = _JSON_TYPES.get(type(obj).__name__, type(obj).__name__)
+        return None, f"{path}:{line_no}: expected a JSON object, got {got}: write one JSON object per line"
+    return obj, None
+
+
 def json_lines(path, text):
     """The JSON objects of JSON Lines `text`, as (line number, object); and (line number, problem)
     for each bad line."""
-    objects, problems = [], []
     # JSON Lines ends lines at "\n" only: str.splitlines would also break inside strings at \x85, \u2028, ...
-    for line_no, line in enumerate(text.split("\n"), start=1):
+    return _parse_lines(path, enumerate(text.split("\n"), start=1), [])
+
+
+def _parse_lines(path, numbered_lines, problems):
+    """The objects of (line number, text) pairs, and `problems` with every bad line's added, in line order."""
+    objects = []
+    for line_no, line in numbered_lines:
         if not line.strip():
             continue
+        obj, problem = _parse_line(path, line_no, line)
+        if problem:
+            problems.append((line_no, problem))
+        else:
+            objects.append((line_no, obj))
+    return objects, sorted(problems, key=lambda p: p[0])
+
+
+def _file_bytes(path, what):
+    """The bytes of a JSON Lines file; UserError when it is missing, a folder or not text at all."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a {what}: give the path of a .jsonl file")
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise UserError(f"{path}: a binary file{' (UTF-16 text)' if utf16 else ''}, not JSON Lines text: "
+                        "save the data as UTF-8 text, one JSON object a line")
+    return raw
+
+
+def _utf8_lines(path, raw):
+    """(numbered lines of `raw` split at b"\\n", [(line, problem)] for each line that is not UTF-8)."""
+    try:
+        return list(enumerate(raw.decode("utf-8").split("\n"), start=1)), []
+    except UnicodeDecodeError:
+        pass
+    lines, problems, offset = [], [], 0
+    for line_no, chunk in enumerate(raw.split(b"\n"), start=1):
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append((line_no, f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno}): "
-                                      "write one JSON object per line"))
-            continue
-        if not isinstance(obj, dict):
-            problems.append((line_no, f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}"))
-            continue
-        objects.append((line_no, obj))
-    return objects, problems
+            lines.append((line_no, chunk.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            problems.append((line_no, f"{path}:{line_no}: not UTF-8 text (byte 0x{chunk[e.start]:02x} at byte "
+                                      f"offset {offset + e.start} of the file): save the file as UTF-8"))
+        offset += len(chunk) + 1
+    return lines, problems
+
+
+def read_json_lines(path, what="data file"):
+    """Read a JSON Lines file: its objects [(line, object)] and its bad lines [(line, problem)] (not valid
+    JSON, not an object, not UTF-8, nested too deeply). A missing, folder or binary file raises UserError."""
+    lines, problems = _utf8_lines(path, _file_bytes(path, what))
+    return _parse_lines(path, lines, problems)
 
 
 def scan_rows(path):
     """Read and check every line of a JSONL data file: (rows [(line, row)], format name, problems
-    [(line, text)]); rows with problems are left out of `rows`."""
+    [(line, text)]); rows with problems are left out of `rows`. A file that cannot hold rows at all
+    (missing, a folder, binary, empty) raises UserError."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: data file not found")
-    objects, problems = json_lines(path, path.read_text(encoding="utf-8"))
+    objects, problems = read_json_lines(path)
+    if not objects and not problems:
+        raise UserError(f"{path}: the file has no rows: write one JSON object a line")
     rows, file_format = [], None
     for line_no, row in objects:
         name = detect_format(row)
@@ -178,8 +238,6 @@ def scan_rows(path):
         problems += found
         if not found:
             rows.append((line_no, row))
-    if not rows and not problems:
-        problems.append((0, f"{path}: the file has no rows"))
     return rows, file_format, sorted(problems, key=lambda p: p[0])
 
 
@@ -192,7 +250,7 @@ def read_rows(path):
 
 def quarantine(path, problems, dest):
     """Write the lines of `path` that have problems to `dest` (JSON Lines: line, problems, the raw text)."""
-    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    lines = Path(path).read_bytes().decode("utf-8", errors="backslashreplace").split("\n")
     by_line = {}
     for line_no, text in problems:
         by_line.setdefault(line_no, []).append(text)

@@ -5,7 +5,7 @@ import random
 import string
 from pathlib import Path
 
-from tunelab import atomic, runs
+from tunelab import atomic, outputs, runs
 from tunelab.data.sources import read_source
 from tunelab.errors import UserError
 
@@ -150,8 +150,10 @@ def prepare(opts, log=print):
     """Write train/valid/test.jsonl into opts.out; returns {split: row count}."""
     _check_options(opts)
     out = Path(opts.out)
-    if out.exists() and not opts.overwrite:
-        raise UserError(f"{out}: output folder already exists; choose another --out or pass --overwrite")
+    source = Path(opts.source).expanduser()
+    replace = outputs.check_target(out, "--out", overwrite=opts.overwrite,
+                                   inputs=[("the source", source if source.exists() else None)],
+                                   marker=runs.DATA_MANIFEST, command="prepare")
     problems, rejected = [], []
     if opts.keep_splits:
         splits = {}
@@ -191,7 +193,7 @@ def prepare(opts, log=print):
                                                       "; --dedupe drops them"))
     if opts.dedupe:
         splits = dedupe(splits)
-    with atomic.atomic_dir(out) as tmp:
+    with atomic.atomic_dir(out, replace=replace) as tmp:
         for name in SPLITS:
             with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as f:
                 for row in splits[name]:

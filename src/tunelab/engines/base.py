@@ -15,10 +15,14 @@ An engine is a module with these functions (`Model` is the engine's own handle):
                                                       None: compute the cached rows of these batches now,
                                                       many rows at a time, until the cache is full
   make_optimizer(model, learning_rate) -> Optimizer
+  training_state(model, optimizer) -> {name: array}   optimizer state and random generator states, for a
+                                                      checkpoint (with the adapter, all a resumed run needs)
+  load_training_state(model, optimizer, arrays)       put them back
   train_step(model, optimizer, batches) -> StepResult one Adam step on a batching.Batch, or on a list of
                                                       micro-batches (gradient accumulation): the loss is the
                                                       mean over all their supervised tokens, exactly as one
-                                                      batch holding every row would give
+                                                      batch holding every row would give; a non-finite loss
+                                                      or gradient skips the update (StepResult.finite False)
   eval_loss(model, batch) -> (loss_sums, counts)     per row [B]: summed cross-entropy over its
                                                       supervised tokens, and their number
   generate(model, prompt_ids, max_tokens, temp, top_p, seed, stop_ids)
@@ -41,6 +45,7 @@ from dataclasses import dataclass
 class StepResult:
     loss: float              # mean cross-entropy over the batch's supervised tokens
     supervised_tokens: int
+    finite: bool = True      # False: the loss or a gradient was NaN or infinite, and the step was not applied
 
 
 def resident_peak():

@@ -2,8 +2,9 @@
 
 Every file is written under a temporary name, read back and checked (`gguf_file.verify`), and
 only then renamed into place, so an interrupted or failed export leaves nothing that looks
-complete. `--lmstudio` copies the result into LM Studio's models folder; `--ollama` writes a
-Modelfile beside it.
+complete. Before the first file is written, the adapter is checked against the base model's
+weight shapes, the weights for NaN and inf, and the chat template by rendering it. `--lmstudio`
+copies the result into LM Studio's models folder; `--ollama` writes a Modelfile beside it.
 """
 
 import json
@@ -12,7 +13,7 @@ from pathlib import Path
 from tunelab import adapters, atomic, models, runs
 from tunelab.data.formats import read_rows
 from tunelab.errors import UserError
-from tunelab.export import gguf_file, places
+from tunelab.export import chat_template, gguf_file, places
 
 
 def default_out(opts):
@@ -36,7 +37,8 @@ def check_options(opts, out):
     if out.exists() and not opts.overwrite:
         problems.append(f"--out {out}: exists; choose another name or pass --overwrite")
     if opts.to == "gguf-lora" and opts.outtype not in gguf_file.LORA_OUTTYPES:
-        problems.append(f"--outtype {opts.outtype}: a GGUF LoRA file is written as {', '.join(gguf_file.LORA_OUTTYPES)}")
+        problems.append(f"--outtype {opts.outtype}: a GGUF LoRA file is written as "
+                        f"{', '.join(gguf_file.LORA_OUTTYPES)}")
     UserError.raise_if(problems)
 
 
@@ -62,17 +64,22 @@ def _write_checked(out, write, log):
 
 
 def export(opts, log=print):
-    """The `tunelab export` stage; returns the paths written."""
+    """The `tunelab export` stage; returns the paths written. Everything that can be checked is checked before
+    the first file is written: names, the adapter against the base, finite weights, the chat template."""
     out = Path(opts.out) if opts.out else default_out(opts)
     check_options(opts, out)
-    adapter = adapters.load(opts.adapter_path) if opts.adapter_path else None
-    model_dir = models.resolve(opts.model, log=log)
-    config = models.read_config(model_dir)
-    arch = gguf_file.check_architecture(config, model_dir)
-    name = opts.name or out.stem
     lmstudio = places.lmstudio_target(out, opts.lmstudio) if opts.lmstudio is not None else None
     if lmstudio is not None:
         places.refuse_existing(lmstudio, opts.overwrite)   # before any work, not after the export
+    adapter = adapters.load(opts.adapter_path) if opts.adapter_path else None   # refuses NaN and inf too
+    model_dir = models.resolve(opts.model, log=log)
+    config = models.read_config(model_dir)
+    arch = gguf_file.check_architecture(config, model_dir)
+    if adapter is not None:
+        gguf_file.check_adapter_fits(model_dir, config, adapter[1], opts.adapter_path)
+    name = opts.name or out.stem
+    modelfile = out.with_suffix(".Modelfile") if opts.ollama else None
+    modelfile_text = _modelfile_text(opts, model_dir, out, modelfile) if opts.ollama else None
     written = {"gguf": out}
 
     if opts.to == "gguf":
@@ -94,26 +101,8 @@ def export(opts, log=print):
     log(f"Writing {opts.to} ({opts.outtype}) to {out} ...")
     _write_checked(out, write, log)
 
-    if opts.ollama:
-        from transformers import AutoTokenizer
-
-        from tunelab.data.templates import end_of_turn_ids
-
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        stops = sorted(tokenizer.convert_ids_to_tokens(sorted(end_of_turn_ids(tokenizer))))
-        system = opts.system_prompt if opts.system_prompt is not None else training_system_prompt(opts.adapter_path)
-        if opts.to == "gguf":
-            text = places.modelfile(out.name, tokenizer, stops, system)
-        else:
-            base = models.gguf_file_of(opts.model)
-            if base is None:
-                raise UserError(f"--ollama with --to gguf-lora needs the base model as a GGUF file; export "
-                                f"{opts.model} with --to gguf first and pass that file as --model")
-            text = places.modelfile(base.resolve(), tokenizer, stops, system, adapter_name=out.name)
-        modelfile = out.with_suffix(".Modelfile")
-        if modelfile.exists() and not opts.overwrite:
-            raise UserError(f"{modelfile}: exists; pass --overwrite to replace it")
-        atomic.write_text(modelfile, text)
+    if modelfile is not None:
+        atomic.write_text(modelfile, modelfile_text)
         written["modelfile"] = modelfile
         log(f"Wrote {modelfile}\nCreate the Ollama model with:\n  ollama create {_ollama_name(name)} -f {modelfile}")
 
@@ -122,6 +111,28 @@ def export(opts, log=print):
         written["lmstudio"] = lmstudio
         log(f"Placed a copy for LM Studio: {lmstudio}")
     return written
+
+
+def _modelfile_text(opts, model_dir, out, modelfile):
+    """The text of `modelfile`, the Ollama Modelfile for `out`, built (and the chat template checked) before any
+    file is written."""
+    from transformers import AutoTokenizer
+
+    from tunelab.data.templates import end_of_turn_ids
+
+    if modelfile.exists() and not opts.overwrite:
+        raise UserError(f"{modelfile}: exists; pass --overwrite to replace it")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    chat_template.check(tokenizer, model_dir)
+    stops = sorted(tokenizer.convert_ids_to_tokens(sorted(end_of_turn_ids(tokenizer))))
+    system = opts.system_prompt if opts.system_prompt is not None else training_system_prompt(opts.adapter_path)
+    if opts.to == "gguf":
+        return places.modelfile(out.name, tokenizer, stops, system)
+    base = models.gguf_file_of(opts.model)
+    if base is None:
+        raise UserError(f"--ollama with --to gguf-lora needs the base model as a GGUF file; export "
+                        f"{opts.model} with --to gguf first and pass that file as --model")
+    return places.modelfile(base.resolve(), tokenizer, stops, system, adapter_name=out.name)
 
 
 def _ollama_name(name):

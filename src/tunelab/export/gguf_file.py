@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tunelab import models
+from tunelab import adapters, models
 from tunelab.errors import UserError
+from tunelab.export import chat_template
 
 # outtype -> (GGML type of 2-D weight matrices, gguf.LlamaFileType name)
 OUTTYPES = {
@@ -100,6 +101,38 @@ def merge_adapter(weights, spec, tensors):
         weights[name] = merged
 
 
+def _layer_of(module):
+    parts = module.split(".")
+    return int(parts[2]) if parts[:2] == ["model", "layers"] and len(parts) > 2 and parts[2].isdigit() else None
+
+
+def check_adapter_fits(model_dir, config, tensors, adapter_path):
+    """UserError unless every adapter module adapts a weight the base model has, on a layer it has, with
+    A [r, in] and B [out, r] (and DoRA's M [out]) of that weight's [out, in] shape (read from its safetensors
+    headers). Names the first module that does not fit, in layer order."""
+    shapes = models.weight_shapes(model_dir)
+    n_layers = config.get("num_hidden_layers")
+    problems = []
+    for module in sorted(tensors, key=lambda m: (_layer_of(m) if _layer_of(m) is not None else -1, m)):
+        a, b, *magnitude = (np.shape(x) for x in tensors[module])
+        weight, layer = f"{module}.weight", _layer_of(module)
+        where = f"{adapter_path}: adapter module {module}"
+        if layer is not None and n_layers is not None and layer >= n_layers:
+            problems.append(f"{where} is on layer {layer}, but the base model {model_dir} has {n_layers} layers "
+                            f"(0-{n_layers - 1})")
+        elif weight not in shapes:
+            problems.append(f"{where}: the base model {model_dir} has no weight {weight}")
+        elif (len(a) != 2 or len(b) != 2 or a[0] != b[1] or (b[0], a[1]) != shapes[weight]
+              or (magnitude and magnitude[0] != (b[0],))):
+            have = f"A {a} and B {b}" + (f" and M {magnitude[0]}" if magnitude else "")
+            problems.append(f"{where}: {have} do not fit the base model's {weight} of shape {shapes[weight]} "
+                            f"(expected A (r, {shapes[weight][1]}) and B ({shapes[weight][0]}, r))")
+    if problems:
+        more = f" (and {len(problems) - 1} more modules that do not fit)" if len(problems) > 1 else ""
+        raise UserError(f"{problems[0]}{more}: trained on another base model? Pass the model it was trained on "
+                        "as --model")
+
+
 def read_source(model_dir, adapter=None):
     """The model folder's config, weights (with `adapter` = (spec, tensors) merged) and tokenizer."""
     model_dir = Path(model_dir)
@@ -108,6 +141,8 @@ def read_source(model_dir, adapter=None):
     weights = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         weights.update(read_safetensors(path))
+    adapters.check_finite(weights, f"{model_dir}: the model's weights",
+                          fix="nothing was exported; export from an intact copy of the model")
     if adapter is not None:
         merge_adapter(weights, *adapter)
     return Source(config, arch, weights, read_tokenizer(model_dir, config))
@@ -144,9 +179,11 @@ def read_tokenizer(model_dir, config):
         raise UserError(f"{model_dir}: no tokenizer.json: GGUF export needs a fast (tokenizers) tokenizer")
     spec = json.loads(path.read_text(encoding="utf-8"))
     if spec["model"]["type"] != "BPE" or spec["model"].get("byte_fallback"):
+        fallback = " with byte fallback" if spec["model"].get("byte_fallback") else ""
         raise UserError(f"{path}: only byte-level BPE tokenizers can be exported to GGUF yet (this one is "
-                        f"{spec['model']['type']}{' with byte fallback' if spec['model'].get('byte_fallback') else ''})")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+                        f"{spec['model']['type']}{fallback})")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    chat_template.check(tokenizer, model_dir)
     vocab = dict(spec["model"]["vocab"])
     added = {t["content"]: t for t in spec.get("added_tokens", [])}
     vocab.update({content: t["id"] for content, t in added.items()})

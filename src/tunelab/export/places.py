@@ -35,14 +35,43 @@ def lmstudio_models_dir():
     return older if older.is_dir() and not (home / ".lmstudio").is_dir() else home / ".lmstudio" / "models"
 
 
+NAME_PART = r"[\w.@+-]+"   # one folder name of PUBLISHER/MODEL
+
+
+def _lmstudio_name_problem(name):
+    """Why `name` is not a PUBLISHER/MODEL (or MODEL) name that stays inside the models folder, or None."""
+    parts = name.split("/")
+    if "\\" in name:
+        return "a backslash is not allowed; use / between PUBLISHER and MODEL"
+    if name.startswith("/") or re.match(r"[A-Za-z]:", name):
+        return "an absolute path is not a name"
+    if len(parts) > 2:
+        return f"{len(parts)} parts, expected at most two"
+    if "" in parts:
+        return "an empty part"
+    if any(part in (".", "..") for part in parts):
+        return "'.' and '..' are not names"
+    if not all(re.fullmatch(NAME_PART, part) for part in parts):
+        return "a character that is not a letter, digit or one of . _ - + @"
+    return None
+
+
 def lmstudio_target(gguf_path, name):
-    """<models>/<publisher>/<model>/<file> for `name` ('publisher/model', 'model' or '' for the file's stem)."""
+    """<models>/<publisher>/<model>/<file> for `name` ('publisher/model', 'model' for tunelab/model, or '' for
+    tunelab/<the file's stem>); a UserError for a name that is not one or would lead outside the models folder."""
+    given = name
     name = name or Path(gguf_path).stem
+    problem = _lmstudio_name_problem(name)
+    if problem:
+        raise UserError(f"--lmstudio {given!r}: {problem}; use PUBLISHER/MODEL, each with letters, digits and "
+                        ". _ - + @ only")
     publisher, _, model = name.rpartition("/")
-    for part in (publisher or "tunelab", model):
-        if not re.fullmatch(r"[\w.@+-]+", part):
-            raise UserError(f"--lmstudio {name}: use PUBLISHER/MODEL with letters, digits and . _ - + @ only")
-    return lmstudio_models_dir() / (publisher or "tunelab") / model / Path(gguf_path).name
+    root = lmstudio_models_dir()
+    target = root / (publisher or "tunelab") / model / Path(gguf_path).name
+    if not target.resolve().is_relative_to(root.resolve()):
+        raise UserError(f"--lmstudio {given!r}: {target} leads to {target.resolve()}, outside LM Studio's models "
+                        f"folder {root.resolve()}; choose another name or fix the links there")
+    return target
 
 
 def refuse_existing(target, overwrite):

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from tunelab import adapters, models
 from tunelab.engines.base import StepResult, resident_peak
@@ -104,7 +104,7 @@ def load(model_dir, device="auto", dtype="auto", log=print, training=False, quan
     config = models.read_config(model_dir)
     try:
         model, _ = load_model(Path(model_dir), model_config=_mlx_overrides(config))
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{model_dir}: mlx-lm could not load this model: {e}") from None
     quantized = None
@@ -276,6 +276,27 @@ def make_optimizer(m, learning_rate):
     return optim.Adam(learning_rate=learning_rate, bias_correction=True)
 
 
+def training_state(m, optimizer):
+    """Adam's state (moments and step count), by the trained arrays' names. MLX's global random key
+    cannot be set back, so a resumed run with --lora-dropout draws other dropout masks."""
+    mx.eval(optimizer.state)
+    return {f"optimizer/{name}": np.array(value) for name, value in tree_flatten(optimizer.state)}
+
+
+def load_training_state(m, optimizer, arrays):
+    """Put `training_state`'s arrays back into the optimizer."""
+    saved = {k[len("optimizer/"):]: v for k, v in arrays.items() if k.startswith("optimizer/")}
+    if not saved:
+        return
+    optimizer.init(m.model.trainable_parameters())
+    names = [name for name, _ in tree_flatten(optimizer.state)]
+    missing = [n for n in names if n not in saved]
+    if missing:
+        raise UserError(f"the checkpoint's optimizer state lacks {missing[0]} ({len(missing)} missing)")
+    optimizer.state = tree_unflatten([(n, mx.array(saved[n])) for n in names])
+    mx.eval(optimizer.state)
+
+
 def _head(m, hidden):
     lm = m.model
     if getattr(lm.args, "tie_word_embeddings", False) or not hasattr(lm, "lm_head"):
@@ -344,8 +365,6 @@ def _token_losses(m, batch):
 
 def train_step(m, optimizer, batches):
     """One Adam step over one batch or several micro-batches (gradients accumulated, one backward each)."""
-    from mlx.utils import tree_map
-
     m.model.train()
     batches = batches if isinstance(batches, (list, tuple)) else [batches]
     total = sum(int(b.supervised[:, 1:].sum()) for b in batches)
@@ -359,12 +378,12 @@ def train_step(m, optimizer, batches):
         grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
         mx.eval(grads, part)
         loss_sum += float(part) * total
-    optimizer.update(m.model, grads)
-    mx.eval(m.model.trainable_parameters(), optimizer.state)
     value = loss_sum / total
-    if not np.isfinite(value):
-        raise UserError(f"the training loss became {value}; lower --learning-rate")
-    return StepResult(value, total)
+    finite = bool(np.isfinite(value)) and all(bool(mx.isfinite(g).all()) for _, g in tree_flatten(grads))
+    if finite:   # a step with a non-finite loss or gradient changes nothing
+        optimizer.update(m.model, grads)
+        mx.eval(m.model.trainable_parameters(), optimizer.state)
+    return StepResult(value, total, finite)
 
 
 def eval_loss(m, batch):

@@ -174,8 +174,9 @@ def load(model_dir, device="auto", dtype="auto", log=print, training=False):
         if dt == torch.float32:
             blocks.cap_onednn_caches()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dt, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dt, use_safetensors=True,
+                                                     trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{model_dir}: transformers could not load this model: {e}") from None
     model.to(dev)
@@ -300,6 +301,42 @@ def make_optimizer(m, learning_rate):
         return torch.optim.Adam(params, lr=learning_rate, fused=True)
     except RuntimeError:
         return torch.optim.Adam(params, lr=learning_rate)
+
+
+def training_state(m, optimizer):
+    """What a resumed run needs besides the adapter, as numpy arrays: Adam's moments and step count of
+    each trained tensor (by name) and the random generators' states (dropout)."""
+    names = {id(p): n for n, p in m.model.named_parameters() if p.requires_grad}
+    out = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                out[f"optimizer/{names[id(p)]}/{key}"] = torch.as_tensor(value).detach().cpu().numpy().copy()
+    out["rng/torch"] = torch.get_rng_state().numpy().copy()
+    if m.device.type == "cuda":
+        out["rng/cuda"] = torch.cuda.get_rng_state(m.device).numpy().copy()
+    return out
+
+
+def load_training_state(m, optimizer, arrays):
+    """Put `training_state`'s arrays back into the optimizer and the random generators."""
+    state = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    names = {id(p): n for n, p in m.model.named_parameters() if p.requires_grad}
+    restored = {}
+    for i, p in enumerate(params):
+        prefix = f"optimizer/{names[id(p)]}/"
+        values = {k[len(prefix):]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith(prefix)}
+        if values:
+            restored[i] = values
+    if restored and len(restored) != len(params):
+        raise UserError(f"the checkpoint's optimizer state covers {len(restored)} of {len(params)} trained tensors")
+    state["state"] = restored
+    optimizer.load_state_dict(state)
+    if "rng/torch" in arrays:
+        torch.set_rng_state(torch.from_numpy(arrays["rng/torch"].copy()))
+    if "rng/cuda" in arrays and m.device.type == "cuda":
+        torch.cuda.set_rng_state(torch.from_numpy(arrays["rng/cuda"].copy()), m.device)
 
 
 def _first_computed(m):
@@ -471,12 +508,13 @@ def train_step(m, optimizer, batches):
         losses, _ = _token_losses(m, batch)
         (losses.sum() / total).backward()
         loss_sum += float(losses.detach().sum())
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=replays is None)
     value = loss_sum / total
-    if not np.isfinite(value):
-        raise UserError(f"the training loss became {value}; lower --learning-rate")
-    return StepResult(value, total)
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    finite = bool(np.isfinite(value)) and bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+    if finite:   # a step with a non-finite loss or gradient changes nothing
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=replays is None)
+    return StepResult(value, total, finite)
 
 
 @torch.no_grad()
