@@ -8,10 +8,7 @@ is written under a temporary name and renamed into place only when complete.
 import json
 from pathlib import Path
 
-import numpy as np
-
-from tunelab import atomic, engines, outputs
-from tunelab.errors import UserError
+from tunelab import atomic, engines, models, outputs
 
 
 def _portable_config(folder):
@@ -46,26 +43,7 @@ def fuse(opts, log=print):
     with atomic.atomic_dir(save_path, replace=replace) as tmp:
         engine.fuse(model, tmp)
         _portable_config(tmp)
-        _check_finite(tmp)
+        models.check_finite_weights(tmp, fix="nothing was written; check the base model and the adapter")
         atomic.write_json(tmp / MARKER, {"base_model": opts.model, "adapter": str(adapter_dir)})
     log(f"Fused model saved to {save_path}")
     return save_path
-
-
-def _check_finite(folder):
-    """Refuse merged weights holding NaN or infinite values (the folder is then not written)."""
-    from safetensors import safe_open
-
-    bad = []
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(path), framework="numpy") as f:
-            for name in f.keys():
-                try:
-                    values = f.get_tensor(name)
-                except TypeError:   # bfloat16: numpy has no such type
-                    continue
-                if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-                    bad.append(name)
-    if bad:
-        raise UserError(f"the merged weights {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} hold NaN or "
-                        "infinite values: nothing was written; check the base model and the adapter")

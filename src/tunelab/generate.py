@@ -2,7 +2,7 @@
 
 import sys
 
-from tunelab import engines
+from tunelab import engines, models
 from tunelab.data.templates import end_of_turn_ids
 
 
@@ -35,7 +35,8 @@ def stream_text(engine, model, ids, opts, out=sys.stdout):
 
 def generate(opts, log=print):
     prompt = sys.stdin.read() if opts.prompt == "-" else opts.prompt
-    engine, model, _ = engines.load(opts.model, opts.adapter_path, opts.device, log=log, engine=opts.engine)
+    engine, model, model_dir = engines.load(opts.model, opts.adapter_path, opts.device, log=log, engine=opts.engine)
+    models.check_finite_weights(model_dir)
     ids = prompt_ids(model.tokenizer, prompt, opts.system_prompt, raw=opts.ignore_chat_template)
     log("=" * 10)
     return stream_text(engine, model, ids, opts)

@@ -8,6 +8,33 @@ row's CREATE TABLE statements (see find_schema); string metrics ignore it.
   sql-canonical  both queries parsed and printed by sqlglot (SQLite dialect) and compared
   sql-exec       execution accuracy over several random fillings of the schema's tables, in the
                  manner of test-suite accuracy (Zhong et al., 2020): every filling must agree
+
+sql-exec runs untrusted SQL (the model's answer; the schema and gold query from the data) in a
+sandbox: a fresh in-memory SQLite database per filling, never a file, with an authorizer per phase.
+
+  schema    the row's CREATE TABLE (and CREATE INDEX) statements, nothing else: no SELECT, so no
+            CREATE TABLE ... AS SELECT, and no rows written
+  fill      tunelab's own random rows: reads and row writes, no CREATE, DROP or ALTER
+  queries   the gold query and the answer may only read: SELECT, WITH (recursive too), functions
+            and the read-only PRAGMAs in READ_PRAGMAS; an answer that writes is a wrong answer
+  never     ATTACH and DETACH (so no VACUUM INTO either), any database but main and temp, other
+            PRAGMAs, views, triggers, virtual tables (table-valued functions such as json_each
+            and pragma_table_info fail too), and the functions in DENIED_FUNCTIONS: load_extension,
+            readfile, writefile, edit, fts3_tokenizer, fts5, and printf / format, whose `%.*c`
+            loops for seconds inside one call; extension loading is off where Python allows it
+
+Limits (SQLITE_LIMITS; Python 3.10's sqlite3 has no setlimit, so there only the time, page and
+result limits hold): strings, blobs and rows of at most 5,000 bytes in the fill and the queries
+(100,000 while the schema runs, for its CREATE TABLE text), statements of 10,000 bytes (a schema
+100,000), no attached database, 1,000 columns, expression depth 200, 50 compound SELECTs, 100
+function arguments, LIKE/GLOB patterns of 200 bytes, 1,000 parameters, 50,000 VM instructions per
+statement, no worker threads; the database holds at most 2,500 pages (10 MB). The time limit
+(TIME_LIMIT_S = 2 s for each query and for the set-up of a filling) is checked by a progress
+handler every 100 VM instructions, but SQLite only calls it between loop steps, never inside a
+function call: the small string limit is what keeps one call short (the worst, a two-argument
+trim on the longest strings, takes about 2 ms; instr and replace well under 1 ms). A result holds
+at most 10,000 rows and 10 MB of text and blobs. Sorts, DISTINCT and materialized subqueries spill
+to SQLite's own unnamed temporary files rather than memory; the time limit bounds those too.
 """
 
 import math
@@ -76,8 +103,12 @@ def sql_canonical(prediction, gold, schema=None):
 
 FILLINGS = 5          # random databases per row; a match must hold on all of them
 ROWS_PER_TABLE = 12
-TIME_LIMIT_S = 2.0    # per query
+TIME_LIMIT_S = 2.0    # per query, and for the set-up (schema and fill) of one filling
 MAX_RESULT_ROWS = 10_000
+MAX_RESULT_BYTES = 10_000_000  # of the str and bytes values in one result
+# what running untrusted SQL may raise: sqlite3's errors, its Warning (several statements, Python 3.10),
+# ValueError (a lone surrogate or a NUL in the text) and OverflowError (an integer past 64 bits)
+SQL_ERRORS = (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError)
 
 
 def find_schema(*texts):
@@ -144,17 +175,119 @@ def _fill(db, rng, strings, numbers):
         db.executemany(f'INSERT INTO "{table}" VALUES ({marks})', rows)
 
 
+# ---- the sandbox sql-exec runs in (see the module docstring) ----------------------------------
+
+PROGRESS_EVERY = 100  # VM instructions between two looks at the clock
+MAX_DB_PAGES = 2_500  # of 4 KiB: 10 MB of tables
+SQLITE_LIMITS = {     # sqlite3 constant name -> value, for the fill and the queries
+    "SQLITE_LIMIT_LENGTH": 5_000,       # bytes in a string, blob or row
+    "SQLITE_LIMIT_SQL_LENGTH": 10_000,  # bytes in a statement
+    "SQLITE_LIMIT_ATTACHED": 0,
+    "SQLITE_LIMIT_COLUMN": 1_000,
+    "SQLITE_LIMIT_EXPR_DEPTH": 200,
+    "SQLITE_LIMIT_COMPOUND_SELECT": 50,
+    "SQLITE_LIMIT_FUNCTION_ARG": 100,
+    "SQLITE_LIMIT_LIKE_PATTERN_LENGTH": 200,
+    "SQLITE_LIMIT_VARIABLE_NUMBER": 1_000,
+    "SQLITE_LIMIT_VDBE_OP": 50_000,
+    "SQLITE_LIMIT_TRIGGER_DEPTH": 10,
+    "SQLITE_LIMIT_WORKER_THREADS": 0,
+}
+SCHEMA_LIMITS = {     # while the schema runs: a wide table's CREATE TABLE text is long
+    "SQLITE_LIMIT_LENGTH": 100_000,
+    "SQLITE_LIMIT_SQL_LENGTH": 100_000,
+}
+DENIED_FUNCTIONS = {"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer", "fts5", "printf", "format"}
+READ_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"}
+
+_READING = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE,
+            sqlite3.SQLITE_PRAGMA}
+_WRITING = {sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE}
+
+
+def _authorizer(actions, writable=None):
+    """An authorizer (sqlite3.Connection.set_authorizer) allowing only `actions` on main and temp.
+
+    `writable`: the only tables INSERT, UPDATE and DELETE may touch; None for any.
+    """
+    def authorize(action, arg1, arg2, db_name, trigger_or_view):
+        if action not in actions or db_name not in (None, "main", "temp"):
+            return sqlite3.SQLITE_DENY
+        if action in _WRITING and writable is not None and arg1 not in writable:
+            return sqlite3.SQLITE_DENY
+        if action == sqlite3.SQLITE_FUNCTION and arg2.lower() in DENIED_FUNCTIONS:
+            return sqlite3.SQLITE_DENY
+        if action == sqlite3.SQLITE_PRAGMA and arg1.lower() not in READ_PRAGMAS:
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+    return authorize
+
+
+# CREATE TABLE and CREATE INDEX write sqlite_master (and sqlite_sequence, for AUTOINCREMENT) themselves
+_authorize_schema = _authorizer({sqlite3.SQLITE_CREATE_TABLE, sqlite3.SQLITE_CREATE_INDEX, sqlite3.SQLITE_REINDEX,
+                                 sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_TRANSACTION,
+                                 *_WRITING}, writable={"sqlite_master", "sqlite_sequence"})
+_authorize_fill = _authorizer(_READING | _WRITING | {sqlite3.SQLITE_TRANSACTION})
+_authorize_query = _authorizer(_READING)
+
+
+def _set_limits(db, limits):
+    if not hasattr(db, "setlimit"):  # Python 3.10
+        return
+    for name, value in limits.items():
+        if hasattr(sqlite3, name):
+            db.setlimit(getattr(sqlite3, name), value)
+
+
+def _sandbox():
+    """A fresh in-memory database with SQLITE_LIMITS and MAX_DB_PAGES and no authorizer yet."""
+    db = sqlite3.connect(":memory:")
+    _set_limits(db, SQLITE_LIMITS)
+    if hasattr(db, "enable_load_extension"):  # absent when Python was built without it
+        db.enable_load_extension(False)
+    db.execute(f"PRAGMA max_page_count = {MAX_DB_PAGES}")
+    return db
+
+
+class _TimeLimit:
+    """Interrupts statements on `db` once TIME_LIMIT_S have passed since `with` was entered."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        deadline = time.monotonic() + TIME_LIMIT_S
+        self.db.set_progress_handler(lambda: int(time.monotonic() > deadline), PROGRESS_EVERY)
+
+    def __exit__(self, *exc):
+        self.db.set_progress_handler(None, 0)
+
+
+def _set_up(db, schema, rng, strings, numbers):
+    """Runs the schema, fills its tables and leaves `db` read-only; raises one of SQL_ERRORS."""
+    with _TimeLimit(db):
+        _set_limits(db, SCHEMA_LIMITS)
+        db.set_authorizer(_authorize_schema)
+        db.executescript(schema)
+        _set_limits(db, SQLITE_LIMITS)
+        db.set_authorizer(_authorize_fill)
+        _fill(db, rng, strings, numbers)
+        db.commit()
+    db.set_authorizer(_authorize_query)
+
+
 def _run(db, sql):
-    """Rows of `sql`, or raise sqlite3.Error; a query past the time limit is interrupted."""
-    deadline = time.monotonic() + TIME_LIMIT_S
-    db.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
-    try:
-        rows = db.execute(sql).fetchmany(MAX_RESULT_ROWS + 1)
-    finally:
-        db.set_progress_handler(None, 0)
-    if len(rows) > MAX_RESULT_ROWS:
-        raise sqlite3.OperationalError(f"more than {MAX_RESULT_ROWS} result rows")
-    return [tuple(round(v, 6) if isinstance(v, float) else v for v in row) for row in rows]
+    """Rows of `sql`, or raise one of SQL_ERRORS; a query past the time or result limits is stopped."""
+    rows, size = [], 0
+    with _TimeLimit(db):
+        for row in db.execute(sql):
+            rows.append(tuple(round(v, 6) if isinstance(v, float) else v for v in row))
+            size += sum(len(v) for v in row if isinstance(v, (str, bytes)))
+            if len(rows) > MAX_RESULT_ROWS:
+                raise sqlite3.OperationalError(f"more than {MAX_RESULT_ROWS} result rows")
+            if size > MAX_RESULT_BYTES:
+                raise sqlite3.OperationalError(f"more than {MAX_RESULT_BYTES} bytes of results")
+    return rows
 
 
 def sql_exec(prediction, gold, schema, seed=0):
@@ -165,20 +298,19 @@ def sql_exec(prediction, gold, schema, seed=0):
     strings, numbers = _gold_literals(gold_tree)
     ordered = gold_tree is not None and gold_tree.args.get("order") is not None
     for filling in range(FILLINGS):
-        db = sqlite3.connect(":memory:")
+        db = _sandbox()
         try:
             try:
-                db.executescript(schema)
-            except sqlite3.Error as e:
+                _set_up(db, schema, random.Random(f"{seed}-{filling}"), strings, numbers)
+            except SQL_ERRORS as e:
                 return Verdict(False, f"schema does not run in SQLite: {e}")
-            _fill(db, random.Random(f"{seed}-{filling}"), strings, numbers)
             try:
                 expected = _run(db, gold)
-            except sqlite3.Error as e:
+            except SQL_ERRORS as e:
                 return Verdict(False, f"gold query fails: {e}")
             try:
                 got = _run(db, prediction)
-            except sqlite3.Error as e:
+            except SQL_ERRORS as e:
                 note = "time limit exceeded" if "interrupted" in str(e) else f"prediction fails: {e}"
                 return Verdict(False, note)
             same = got == expected if ordered else Counter(got) == Counter(expected)

@@ -354,9 +354,13 @@ def import_gguf(path, dest=None, log=print):
     if (dest / "config.json").is_file():
         return dest
     log(f"Importing {path.name} into {dest} (once) ...")
-    reader = GGUFReader(path)
-    config = _gguf_config(reader, path)
-    weights = _gguf_weights(reader, config, path)
+    try:
+        reader = GGUFReader(path)
+        config = _gguf_config(reader, path)
+        weights = _gguf_weights(reader, config, path)
+    except (ValueError, KeyError, IndexError, TypeError, OSError) as e:   # what gguf's reader raises on bad bytes
+        raise UserError(f"{path}: not a readable GGUF file (truncated or damaged: {e}); download or export it "
+                        "again") from None
     tokenizer = _gguf_tokenizer(path, reader)
     with atomic.atomic_dir(dest) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -416,3 +420,22 @@ def _gguf_tokenizer(path, reader):
 
 def read_config(folder):
     return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+
+
+def check_finite_weights(folder, fix="use an intact copy of the model"):
+    """Refuse a model folder whose safetensors weights hold NaN or infinite values, naming them."""
+    from safetensors import safe_open
+
+    bad = []
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as f:
+            for name in f.keys():
+                try:
+                    values = f.get_tensor(name)
+                except TypeError:   # bfloat16: numpy has no such type
+                    continue
+                if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+                    bad.append(name)
+    if bad:
+        raise UserError(f"{folder}: the weights {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} hold NaN or "
+                        f"infinite values: {fix}")

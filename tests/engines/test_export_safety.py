@@ -164,6 +164,24 @@ def test_model_weights_holding_inf_are_refused_naming_the_tensor(tiny_llama, tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_generate_and_fuse_refuse_weights_holding_nan(tiny_llama, tmp_path):
+    from tunelab import fuse, generate
+    from tunelab.config import FuseOptions, GenerateOptions
+
+    model = copy_model(tiny_llama, tmp_path / "model")
+    weights = load_file(str(model / "model.safetensors"))
+    weights["model.layers.1.self_attn.o_proj.weight"][3, 2] = np.nan
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight hold NaN"):
+        generate.generate(GenerateOptions(model=str(model), prompt="hi", max_tokens=2), log=lambda *_: None)
+    adapter = random_adapter(tmp_path / "adapter", tiny_llama)
+    with pytest.raises(UserError, match="nothing was written"):
+        fuse.fuse(FuseOptions(model=str(model), adapter_path=str(adapter), save_path=str(tmp_path / "fused")),
+                  log=lambda *_: None)
+    assert not (tmp_path / "fused").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fused.")]
+
+
 # ---- file modes ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mask", [0o022, 0o002])

@@ -27,11 +27,11 @@ def test_lora_counts_and_drops_long_rows_and_trains_every_turn(tiny_llama, tmp_p
     write_jsonl(data / "train.jsonl", [short, MULTI_TURN, long])
     write_jsonl(data / "valid.jsonl", [short])
     common = ["lora", "--train", "--model", tiny_llama, "--data", data, "--iters", "2", "--batch-size", "1",
-              "--num-layers", "1", "--mask-prompt", "--max-seq-length", "120", "--adapter-path", tmp_path / "run"]
-    r = run_cli(*common, cwd=tmp_path)
+              "--num-layers", "1", "--mask-prompt", "--max-seq-length", "120"]
+    r = run_cli(*common, "--adapter-path", tmp_path / "run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "train.jsonl: truncated 1 of 3 rows longer than --max-seq-length 120" in r.stdout
-    r = run_cli(*common, "--long-rows", "drop", "--train-on", "last", cwd=tmp_path)
+    r = run_cli(*common, "--adapter-path", tmp_path / "run2", "--long-rows", "drop", "--train-on", "last", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "train.jsonl: dropped 1 of 3 rows" in r.stdout
 

@@ -6,7 +6,6 @@ adapter (bit for bit, float32 on the CPU) and log the very same losses.
 """
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from tunelab.cli import main
 from tunelab.config import LoraOptions, PrepareOptions
 from tunelab.data.prepare import prepare
 from tunelab.engines import torch_engine
-from tunelab.errors import Stopped, UserError
+from tunelab.errors import UserError
 
 
 def quiet(*_):
@@ -346,3 +345,33 @@ def test_a_signal_saves_a_checkpoint_says_how_to_resume_and_the_resume_is_exact(
     assert r.returncode == 0, r.stderr
     assert f"step {state['step']} of 36" in r.stdout
     assert_same(run, root / "plain")
+
+
+def test_crash_then_resume_on_the_mlx_engine_matches_within_float_tolerance(tiny_llama, data, tmp_path, monkeypatch):
+    from tests.engines.engine_params import engine_module
+
+    mlx_engine = engine_module("mlx")
+    opts = options(tiny_llama, data, tmp_path / "reference", engine="mlx", iters=10, steps_per_report=2,
+                   steps_per_eval=5)
+    train.lora(opts, log=quiet)
+    real = mlx_engine.train_step
+    calls = {"n": 0}
+
+    def step(m, optimizer, batches):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise Crash()
+        return real(m, optimizer, batches)
+
+    monkeypatch.setattr(mlx_engine, "train_step", step)
+    run = tmp_path / "run"
+    with pytest.raises(Crash):
+        train.lora(replace(opts, adapter_path=str(run)), log=quiet)
+    monkeypatch.setattr(mlx_engine, "train_step", real)
+    train.lora(replace(opts, adapter_path=str(run), resume=True), log=quiet)
+    (tensors, losses), (ref_tensors, ref_losses) = outcome(run), outcome(tmp_path / "reference")
+    assert [s for s, *_ in losses] == [s for s, *_ in ref_losses]
+    np.testing.assert_allclose([v for _, *pair in losses for v in pair if v is not None],
+                               [v for _, *pair in ref_losses for v in pair if v is not None], rtol=1e-5)
+    for name in tensors:
+        np.testing.assert_allclose(tensors[name], ref_tensors[name], rtol=1e-5, atol=1e-6)

@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from tests.conftest import write_jsonl
-from tunelab import adapters, cli, evaluate
+from tunelab import adapters, cli, evaluate, models
 from tunelab.config import LoraOptions, read_config_file
 from tunelab.data.formats import quarantine, read_rows, scan_rows
 from tunelab.errors import UserError
@@ -299,6 +299,43 @@ def test_predictions_file_that_is_a_folder(tmp_path):
     (tmp_path / "answers.jsonl").mkdir()
     assert "is a folder, not a predictions file" in raises_user_error(
         lambda: evaluate.from_file(tmp_path / "answers.jsonl", rows), tmp_path)
+
+
+# ---- prepare's source files ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, content, message", [
+    ("s.csv", b'question,answer,context\n"a\xff",b,c\n', "s.csv:2: not UTF-8 text"),
+    ("s.jsonl", b'{"question": "a", "answer": "b", "context": "c"}\n{"question": "a\xff"}\n', "s.jsonl:2: not UTF-8"),
+    ("s.json", b"[" * 100000, "nested too deeply"),
+], ids=["csv not utf-8", "jsonl not utf-8", "json nested"])
+def test_bad_prepare_source(tmp_path, name, content, message):
+    from tunelab.config import PrepareOptions
+    from tunelab.data.prepare import prepare
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    text = raises_user_error(lambda: prepare(PrepareOptions(source=str(path), out=str(tmp_path / "out")),
+                                             log=lambda *_: None), path)
+    assert message in text
+    assert not (tmp_path / "out").exists()
+
+
+# ---- GGUF model files ------------------------------------------------------------------------
+
+def _gguf_header():
+    """A GGUF file's first bytes as the gguf package writes them: magic, version 3, no tensors, no keys."""
+    return b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (0).to_bytes(8, "little")
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF", b"GGUF" + b"x" * 40, _gguf_header()[:18], b"\0" * 100],
+                         ids=["empty", "magic only", "bad version", "cut in the header", "zeros"])
+def test_bad_gguf_file(tmp_path, content, monkeypatch):
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    text = raises_user_error(lambda: models.resolve(str(path), log=lambda *_: None), path)
+    assert "not a readable GGUF file" in text or "not a GGUF file" in text
+    assert not list((tmp_path / "cache").rglob("config.json"))
 
 
 # ---- the real CLI ----------------------------------------------------------------------------------

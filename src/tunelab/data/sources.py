@@ -46,7 +46,18 @@ def read_local(path):
                ".parquet": _read_parquet}
     if path.suffix not in readers:
         raise UserError(f"{path}: unsupported file type {path.suffix!r}: use one of {', '.join(LOCAL_SUFFIXES)}")
-    rows = readers[path.suffix](path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a data file")
+    try:
+        rows = readers[path.suffix](path)
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at byte offset {e.start}): "
+                        "save the file as UTF-8") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to read: write each row as a flat JSON object") from None
+    except csv.Error as e:
+        raise UserError(f"{path}: not a readable CSV file ({e})") from None
     if not rows:
         raise UserError(f"{path}: the file has no rows")
     return rows

@@ -36,6 +36,10 @@ def check_options(opts, out):
         problems.append(f"--out {out}: the file name should end in .gguf")
     if out.exists() and not opts.overwrite:
         problems.append(f"--out {out}: exists; choose another name or pass --overwrite")
+    if out.is_dir():
+        problems.append(f"--out {out}: is a folder; give a file name ending in .gguf")
+    if out.exists() and Path(opts.model).expanduser().exists() and out.resolve() == Path(opts.model).resolve():
+        problems.append(f"--out {out}: is the model this command reads; choose another name")
     if opts.to == "gguf-lora" and opts.outtype not in gguf_file.LORA_OUTTYPES:
         problems.append(f"--outtype {opts.outtype}: a GGUF LoRA file is written as "
                         f"{', '.join(gguf_file.LORA_OUTTYPES)}")
@@ -56,9 +60,10 @@ def training_system_prompt(adapter_path):
     return systems.pop() if len(systems) == 1 else None
 
 
-def _write_checked(out, write, log):
-    """Write through `write(tmp) -> summary` into a temporary file; rename it to `out` only if it checks out."""
-    with atomic.atomic_path(out) as tmp:
+def _write_checked(out, write, log, replace=False):
+    """Write through `write(tmp) -> summary` into a temporary file; rename it to `out` only if it checks out
+    (and, unless `replace`, only if no `out` appeared meanwhile)."""
+    with atomic.atomic_path(out, replace=replace) as tmp:
         summary = write(tmp)
     log(f"Wrote {out} ({out.stat().st_size / 1e6:,.1f} MB); verified: {summary}")
 
@@ -99,7 +104,7 @@ def export(opts, log=print):
                                                 "general.architecture": arch})
 
     log(f"Writing {opts.to} ({opts.outtype}) to {out} ...")
-    _write_checked(out, write, log)
+    _write_checked(out, write, log, replace=opts.overwrite)
 
     if modelfile is not None:
         atomic.write_text(modelfile, modelfile_text)

@@ -81,7 +81,7 @@ def refuse_existing(target, overwrite):
 
 def place_in_lmstudio(gguf_path, target, overwrite):
     refuse_existing(target, overwrite)
-    with atomic.atomic_path(target) as tmp:
+    with atomic.atomic_path(target, replace=overwrite) as tmp:
         shutil.copyfile(gguf_path, tmp)
     return target
 
