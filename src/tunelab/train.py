@@ -6,6 +6,7 @@ every engine: engines supply only the step, the loop owns the cadence (reports, 
 saving, the progress line).
 """
 
+import contextlib
 import dataclasses
 import math
 import shutil
@@ -185,80 +186,71 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
         raise UserError(f"step {step}: the {what}; training stopped without saving this state ({kept}); "
                         "lower --learning-rate")
 
-    try:
-        with _StopRequest() as stop:
-            if resume is None:
-                loop["val_loss"] = loop["start_val"] = validate(0)
-            window_start = time.perf_counter()
-            rows_seen = opts.iters * opts.batch_size * micro_batches
-            if model.prefix is not None and rows_seen >= len(train_set):
-                # Every row comes back: run the frozen blocks over all of them first, FILL_TOKENS positions a
-                # batch, with a progress bar of its own (this time counts in the first report's speed).
-                longest = max(len(ex.tokens) for ex in train_set)
-                groups = list(eval_batches(train_set, max(1, FILL_TOKENS // longest)))
-                engine.fill_prefix(model, tqdm(groups, desc="Frozen blocks, once per row", unit="batch", leave=False,
-                                               dynamic_ncols=True, disable=None))
-            tokens_per_s = 0.0
-            bar = tqdm(total=opts.iters, initial=loop["step"], desc="Training", unit="it", dynamic_ncols=True,
-                       disable=None, bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining} {postfix}")
-            try:
-                for step in range(loop["step"] + 1, opts.iters + 1):
-                    if stop.signum is not None:
-                        break
-                    micro = [next(batches) for _ in range(micro_batches)]
-                    result = engine.train_step(model, optimizer, micro if len(micro) > 1 else micro[0])
-                    loop["step"] = step
-                    if not result.finite:
-                        loop["bad"] += 1
-                        metrics.write(step=step, skipped="non-finite loss or gradient")
-                        tqdm.write(f"Iter {step}: loss {result.loss}: a NaN or infinite loss or gradient; step skipped")
-                        if loop["bad"] >= opts.max_bad_steps:
-                            refuse(step, f"loss or gradients were NaN or infinite {loop['bad']} steps in a row")
-                    else:
-                        loop["bad"] = 0
-                        window = loop["window"]
-                        window[0] += result.loss
-                        window[1] += 1
-                        window[2] += sum(b.real_tokens for b in micro)
-                    if (step % opts.steps_per_report == 0 or step == opts.iters) and loop["window"][1]:
-                        window_loss, window_steps, window_tokens = loop["window"]
-                        seconds = time.perf_counter() - window_start
-                        loop["last_loss"], tokens_per_s = window_loss / window_steps, window_tokens / seconds
-                        peak = engine.peak_memory()
-                        metrics.write(step=step, train_loss=loop["last_loss"], learning_rate=opts.learning_rate,
-                                      iterations_per_s=window_steps / seconds, tokens_per_s=tokens_per_s,
-                                      peak_memory_gb=peak / 1e9)
-                        tqdm.write(f"Iter {step}: Train loss {loop['last_loss']:.3f}, It/sec {window_steps / seconds:.3f}, "
-                                   f"Tokens/sec {tokens_per_s:.1f}, Peak mem {peak / 1e9:.3f} GB")
-                        loop["window"] = [0.0, 0, 0]
-                        window_start = time.perf_counter()
-                        why = _collapse(loop["last_loss"], None, vocab_size, loop)
-                        if why:
-                            refuse(step, f"training loss {loop['last_loss']:.3f} {why}")
-                    paused = time.perf_counter()  # validation and saving do not count against tokens/s
-                    if step % opts.steps_per_eval == 0 or step == opts.iters:
-                        loop["val_loss"] = validate(step)
-                        why = _collapse(loop["val_loss"], loop["start_val"], vocab_size, loop)
-                        if why:
-                            refuse(step, f"validation loss {loop['val_loss']:.3f} {why}")
-                    if step % opts.save_every == 0 or step == opts.iters:
-                        checkpoint(step)
-                    window_start += time.perf_counter() - paused
-                    bar.set_postfix_str(_progress_text(step, loop["last_loss"], loop["val_loss"], tokens_per_s,
-                                                       engine.peak_memory()), refresh=False)
-                    bar.update(1)
-                if stop.signum is not None and loop["step"] < opts.iters:
-                    if loop["step"] > saved_step:
-                        checkpoint(loop["step"])
-                    bar.close()
-                    where = (f"the checkpoint of step {saved_step} is in {run_dir}; resume with: {_resume_command(opts)}"
-                             if saved_step else "no step was finished, so there is nothing to resume")
-                    raise Stopped(f"stopped by {signal.Signals(stop.signum).name} at step {loop['step']} of "
-                                  f"{opts.iters}: {where}", 128 + stop.signum)
-            finally:
-                bar.close()
-    finally:
-        metrics.close()
+    def report(step, seconds):
+        window_loss, window_steps, window_tokens = loop["window"]
+        loop["last_loss"], tokens_per_s = window_loss / window_steps, window_tokens / seconds
+        peak = engine.peak_memory()
+        metrics.write(step=step, train_loss=loop["last_loss"], learning_rate=opts.learning_rate,
+                      iterations_per_s=window_steps / seconds, tokens_per_s=tokens_per_s, peak_memory_gb=peak / 1e9)
+        tqdm.write(f"Iter {step}: Train loss {loop['last_loss']:.3f}, It/sec {window_steps / seconds:.3f}, "
+                   f"Tokens/sec {tokens_per_s:.1f}, Peak mem {peak / 1e9:.3f} GB")
+        loop["window"] = [0.0, 0, 0]
+        why = _collapse(loop["last_loss"], None, vocab_size, loop)
+        if why:
+            refuse(step, f"training loss {loop['last_loss']:.3f} {why}")
+        return tokens_per_s
+
+    with _StopRequest() as stop, contextlib.closing(metrics):
+        if resume is None:
+            loop["val_loss"] = loop["start_val"] = validate(0)
+        rows_seen = opts.iters * opts.batch_size * micro_batches
+        if model.prefix is not None and rows_seen >= len(train_set):
+            # Every row comes back: run the frozen blocks over all of them first, FILL_TOKENS positions a
+            # batch, with a progress bar of its own (this time counts in the first report's speed).
+            longest = max(len(ex.tokens) for ex in train_set)
+            groups = list(eval_batches(train_set, max(1, FILL_TOKENS // longest)))
+            engine.fill_prefix(model, tqdm(groups, desc="Frozen blocks, once per row", unit="batch", leave=False,
+                                           dynamic_ncols=True, disable=None))
+        window_start, tokens_per_s = time.perf_counter(), 0.0
+        with tqdm(total=opts.iters, initial=loop["step"], desc="Training", unit="it", dynamic_ncols=True,
+                  disable=None, bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining} {postfix}") as bar:
+            while loop["step"] < opts.iters and stop.signum is None:
+                step = loop["step"] + 1
+                micro = [next(batches) for _ in range(micro_batches)]
+                result = engine.train_step(model, optimizer, micro if len(micro) > 1 else micro[0])
+                loop["step"] = step
+                if result.finite:
+                    loop["bad"] = 0
+                    loop["window"] = [loop["window"][0] + result.loss, loop["window"][1] + 1,
+                                      loop["window"][2] + sum(b.real_tokens for b in micro)]
+                else:   # the engine left the weights and the optimizer as they were
+                    loop["bad"] += 1
+                    metrics.write(step=step, skipped="non-finite loss or gradient")
+                    tqdm.write(f"Iter {step}: loss {result.loss}: a NaN or infinite loss or gradient; step skipped")
+                    if loop["bad"] >= opts.max_bad_steps:
+                        refuse(step, f"loss or gradients were NaN or infinite {loop['bad']} steps in a row")
+                if (step % opts.steps_per_report == 0 or step == opts.iters) and loop["window"][1]:
+                    tokens_per_s = report(step, time.perf_counter() - window_start)
+                    window_start = time.perf_counter()
+                paused = time.perf_counter()  # validation and saving do not count against tokens/s
+                if step % opts.steps_per_eval == 0 or step == opts.iters:
+                    loop["val_loss"] = validate(step)
+                    why = _collapse(loop["val_loss"], loop["start_val"], vocab_size, loop)
+                    if why:
+                        refuse(step, f"validation loss {loop['val_loss']:.3f} {why}")
+                if step % opts.save_every == 0 or step == opts.iters:
+                    checkpoint(step)
+                window_start += time.perf_counter() - paused
+                bar.set_postfix_str(_progress_text(step, loop["last_loss"], loop["val_loss"], tokens_per_s,
+                                                   engine.peak_memory()), refresh=False)
+                bar.update(1)
+        if loop["step"] < opts.iters:   # stopped by a signal
+            if loop["step"] > saved_step:
+                checkpoint(loop["step"])
+            where = (f"the checkpoint of step {saved_step} is in {run_dir}; resume with: {_resume_command(opts)}"
+                     if saved_step else "no step was finished, so there is nothing to resume")
+            raise Stopped(f"stopped by {signal.Signals(stop.signum).name} at step {loop['step']} of {opts.iters}: "
+                          f"{where}", 128 + stop.signum)
     log(f"Saved adapter to {run_dir}")
     return loop["last_loss"], loop["val_loss"]
 

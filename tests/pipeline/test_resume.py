@@ -375,3 +375,44 @@ def test_crash_then_resume_on_the_mlx_engine_matches_within_float_tolerance(tiny
                                [v for _, *pair in ref_losses for v in pair if v is not None], rtol=1e-5)
     for name in tensors:
         np.testing.assert_allclose(tensors[name], ref_tensors[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_stays_whole(tiny_llama, data, tmp_path, references):
+    root, _ = references
+    run = tmp_path / "run"
+    args = _cli_args(str(tiny_llama), str(data), str(run))
+    p = _start(args, tmp_path)
+    _wait_for_checkpoint(run, p)
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    if p.returncode == 0:
+        pytest.skip("the run finished before the signals arrived")
+    assert p.returncode in (130, -signal.SIGINT), err   # a shell shows 130 for both
+    adapters.load(checkpoints.committed(run)[-1])
+    r = subprocess.run([sys.executable, "-m", "tunelab", *args, "--resume"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    reference = tmp_path / "reference"
+    r = subprocess.run([sys.executable, "-m", "tunelab", *_cli_args(str(tiny_llama), str(data), str(reference))],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert_same(run, reference)
+
+
+def test_two_processes_into_one_folder_one_is_refused_and_the_other_finishes_intact(tiny_llama, data, tmp_path,
+                                                                                   references):
+    root, _ = references
+    run = tmp_path / "run"
+    args = _cli_args(str(tiny_llama), str(data), str(run))
+    args[args.index("--save-every") + 1] = "5"
+    first = _start(args, tmp_path)
+    _wait_for_checkpoint(run, first)
+    second = subprocess.run([sys.executable, "-m", "tunelab", *args, "--resume"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    if "another tunelab run" not in second.stderr:
+        pytest.skip("the first run finished before the second started")
+    assert second.returncode == 2 and f"pid {first.pid}" in second.stderr
+    assert_same(run, root / "plain")
