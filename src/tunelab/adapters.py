@@ -26,7 +26,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from tunelab import atomic, models, runs
-from tunelab.errors import UserError
+from tunelab.errors import UserError, utf8_text
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 MLX_WEIGHTS = "adapters.safetensors"
@@ -164,13 +164,7 @@ def check_finite(tensors, where, fix="the run that wrote it diverged; use an ear
 
 def _utf8_json(path):
     """The JSON value of a small file; UserError naming the line (and column) of what keeps it from reading."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset {e.start}): "
-                        "save it as UTF-8") from None
+    text = utf8_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from tunelab.errors import UserError
+from tunelab.errors import UserError, utf8_text
 
 DEFAULT_MODEL = "smollm2"
 
@@ -319,13 +319,7 @@ def _load_yaml(path):
         raise UserError(f"{path}: is a folder, not a config file: give the path of a YAML file")
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset {e.start}): "
-                        "save the file as UTF-8") from None
+    text = utf8_text(path)
     try:
         data = yaml.load(text, Loader=_ConfigLoader)
     except yaml.MarkedYAMLError as e:

@@ -3,6 +3,8 @@
 The CLI prints it as a paragraph and exits with code 2, never with a traceback.
 """
 
+from pathlib import Path
+
 
 class UserError(Exception):
     """Bad input: a file, a flag, a model reference. Carries every problem found, not only the first."""
@@ -26,3 +28,14 @@ class Stopped(Exception):
     def __init__(self, message, code):
         super().__init__(message)
         self.code = code
+
+
+def utf8_text(path):
+    """The text of file `path`; a UserError naming the line and byte where it is not UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte offset {e.start}): "
+                        "save the file as UTF-8") from None

@@ -153,11 +153,17 @@ def test_an_adapter_holding_nan_is_refused_naming_the_tensor(tiny_llama, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_model_weights_holding_inf_are_refused_naming_the_tensor(tiny_llama, tmp_path):
-    model = copy_model(tiny_llama, tmp_path / "model")
+def poisoned_copy(source, dest, name, value):
+    """A copy of a model folder with one value of weight `name` set to `value` (NaN, inf)."""
+    model = copy_model(source, dest)
     weights = load_file(str(model / "model.safetensors"))
-    weights["model.layers.0.mlp.up_proj.weight"][0, 0] = np.inf
+    weights[name][0, 0] = value
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    return model
+
+
+def test_model_weights_holding_inf_are_refused_naming_the_tensor(tiny_llama, tmp_path):
+    model = poisoned_copy(tiny_llama, tmp_path / "model", "model.layers.0.mlp.up_proj.weight", np.inf)
     with pytest.raises(UserError, match=r"the model's weights: model\.layers\.0\.mlp\.up_proj\.weight: holds NaN or "
                                         r"infinite values: nothing was exported"):
         run_export(tmp_path / "out", model=str(model), outtype="f32")
@@ -168,10 +174,7 @@ def test_generate_and_fuse_refuse_weights_holding_nan(tiny_llama, tmp_path):
     from tunelab import fuse, generate
     from tunelab.config import FuseOptions, GenerateOptions
 
-    model = copy_model(tiny_llama, tmp_path / "model")
-    weights = load_file(str(model / "model.safetensors"))
-    weights["model.layers.1.self_attn.o_proj.weight"][3, 2] = np.nan
-    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    model = poisoned_copy(tiny_llama, tmp_path / "model", "model.layers.1.self_attn.o_proj.weight", np.nan)
     with pytest.raises(UserError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight hold NaN"):
         generate.generate(GenerateOptions(model=str(model), prompt="hi", max_tokens=2), log=lambda *_: None)
     adapter = random_adapter(tmp_path / "adapter", tiny_llama)

@@ -291,6 +291,16 @@ def _wait_for_checkpoint(run, process, timeout=120):
         time.sleep(0.02)
 
 
+def _started(model, data, tmp_path, save_every=5):
+    """A CLI training run into tmp_path/run, once its first checkpoint is committed: (run, args, process)."""
+    run = tmp_path / "run"
+    args = _cli_args(str(model), str(data), str(run))
+    args[args.index("--save-every") + 1] = str(save_every)
+    process = _start(args, tmp_path)
+    _wait_for_checkpoint(run, process)
+    return run, args, process
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_points_then_resume_is_bit_identical(tiny_llama, data, tmp_path, references):
     """Saves at every step, so kills land inside saves too; each trial is killed, then resumed (and
@@ -328,11 +338,7 @@ def test_kill_9_at_random_points_then_resume_is_bit_identical(tiny_llama, data, 
 def test_a_signal_saves_a_checkpoint_says_how_to_resume_and_the_resume_is_exact(tiny_llama, data, tmp_path,
                                                                                references, signum, code):
     root, _ = references
-    run = tmp_path / "run"
-    args = _cli_args(str(tiny_llama), str(data), str(run))
-    args[args.index("--save-every") + 1] = "5"
-    p = _start(args, tmp_path)
-    _wait_for_checkpoint(run, p)
+    run, args, p = _started(tiny_llama, data, tmp_path)
     p.send_signal(signum)
     out, err = p.communicate(timeout=120)
     if p.returncode == 0:
@@ -377,12 +383,8 @@ def test_crash_then_resume_on_the_mlx_engine_matches_within_float_tolerance(tiny
         np.testing.assert_allclose(tensors[name], ref_tensors[name], rtol=1e-5, atol=1e-6)
 
 
-def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_stays_whole(tiny_llama, data, tmp_path, references):
-    root, _ = references
-    run = tmp_path / "run"
-    args = _cli_args(str(tiny_llama), str(data), str(run))
-    p = _start(args, tmp_path)
-    _wait_for_checkpoint(run, p)
+def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_stays_whole(tiny_llama, data, tmp_path):
+    run, args, p = _started(tiny_llama, data, tmp_path, save_every=1)
     p.send_signal(signal.SIGINT)
     time.sleep(0.01)
     p.send_signal(signal.SIGINT)
@@ -403,11 +405,7 @@ def test_a_second_ctrl_c_stops_at_once_and_the_last_checkpoint_stays_whole(tiny_
 def test_two_processes_into_one_folder_one_is_refused_and_the_other_finishes_intact(tiny_llama, data, tmp_path,
                                                                                    references):
     root, _ = references
-    run = tmp_path / "run"
-    args = _cli_args(str(tiny_llama), str(data), str(run))
-    args[args.index("--save-every") + 1] = "5"
-    first = _start(args, tmp_path)
-    _wait_for_checkpoint(run, first)
+    run, args, first = _started(tiny_llama, data, tmp_path)
     second = subprocess.run([sys.executable, "-m", "tunelab", *args, "--resume"], capture_output=True, text=True,
                             cwd=tmp_path, timeout=300)
     out, err = first.communicate(timeout=300)

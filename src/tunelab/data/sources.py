@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from tunelab.data.formats import json_lines
-from tunelab.errors import UserError
+from tunelab.errors import UserError, utf8_text
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -48,12 +48,10 @@ def read_local(path):
         raise UserError(f"{path}: unsupported file type {path.suffix!r}: use one of {', '.join(LOCAL_SUFFIXES)}")
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not a data file")
+    if path.suffix != ".parquet":   # text: checked whole, so a bad byte is named at its place in the file
+        utf8_text(path)
     try:
         rows = readers[path.suffix](path)
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at byte offset {e.start}): "
-                        "save the file as UTF-8") from None
     except RecursionError:
         raise UserError(f"{path}: nested too deeply to read: write each row as a flat JSON object") from None
     except csv.Error as e:
