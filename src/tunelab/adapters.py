@@ -185,10 +185,12 @@ def _check_file_hashes(folder, config):
                if name == Path(name).name and name != CONFIG and (folder / name).is_file()
                and runs.file_sha256(folder / name) != digest.lower()]
     if changed:
+        saved = sorted(p for p in (folder / "checkpoints").glob("step-*") if (p / "COMMITTED").is_file())
+        use = f"use --adapter-path {saved[-1]} (the newest complete checkpoint), or " if saved else ""
         raise UserError(f"{folder / CONFIG}: tunelab.files: {', '.join(changed)}: sha256 differs from the one "
                         f"recorded: the adapter files in {folder} come from different saves (an interrupted save); "
-                        f"`tunelab lora --train --resume --adapter-path {folder}` restores the last complete "
-                        "checkpoint")
+                        f"{use}run `tunelab lora --train --resume --adapter-path {folder}` with the run's options, "
+                        "which restores them")
 
 
 def _number(config, key, path, problems, what, default=None, whole=False):

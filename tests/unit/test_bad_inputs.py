@@ -150,7 +150,7 @@ def test_bad_adapter_folder(tmp_path, make, message):
     text = raises_user_error(lambda: adapters.load(folder), folder)
     assert message in text, text
     assert "come from different saves" not in text or \
-        f"`tunelab lora --train --resume --adapter-path {folder}` restores the last complete checkpoint" in text
+        f"run `tunelab lora --train --resume --adapter-path {folder}` with the run's options" in text
 
 
 def test_good_adapter_folders_still_load(tmp_path):
