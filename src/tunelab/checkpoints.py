@@ -148,16 +148,31 @@ def repair(run_dir, log=print):
         log(f"{run_dir}: the top-level adapter was restored from {done[-1].name} (a save had been interrupted)")
 
 
+def _unreadable(checkpoint, e):
+    return UserError(f"{checkpoint}: trainer state unreadable ({e}); resume from an earlier checkpoint by moving "
+                     "this one away")
+
+
+def read_state(checkpoint):
+    """The trainer_state.json of a committed checkpoint (step, options, data hashes, ...)."""
+    try:
+        state = json.loads((Path(checkpoint) / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise _unreadable(checkpoint, e) from None
+    if not isinstance(state, dict):
+        raise _unreadable(checkpoint, "not a JSON object")
+    return state
+
+
 def read(checkpoint):
     """(adapter spec, adapter tensors, state arrays, state) of a committed checkpoint."""
     checkpoint = Path(checkpoint)
     spec, tensors = adapters.load(checkpoint)
+    state = read_state(checkpoint)
     try:
         arrays = load_file(str(checkpoint / STATE_ARRAYS))
-        state = json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
-    except Exception as e:   # OSError, JSON errors, and safetensors' own error type
-        raise UserError(f"{checkpoint}: trainer state unreadable ({e}); resume from an earlier checkpoint by "
-                        f"moving this one away") from None
+    except Exception as e:   # OSError, and safetensors' own error type
+        raise _unreadable(checkpoint, e) from None
     return spec, tensors, arrays, state
 
 

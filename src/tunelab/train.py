@@ -274,6 +274,7 @@ def open_run(opts, log=print):
                         f"{run_dir / adapters.MLX_WEIGHTS} with a new --adapter-path"
                         if (run_dir / adapters.CONFIG).is_file() else "")
                 raise UserError(f"--resume: {run_dir} has no complete checkpoint to resume from{hint}")
+            _check_resumable(done[-1], opts)
             checkpoints.repair(run_dir, log)
             return lock, done[-1]
         held = checkpoints.run_contents(run_dir)
@@ -298,17 +299,10 @@ def _train(engine, model, model_dir, opts, resume_from, log):
     spec.quantization = getattr(model, "quantized", None)
     engine.attach_lora(model, spec, seed=opts.seed)
     run_dir = Path(opts.adapter_path)
-    data_files = [Path(opts.data) / f"{s}.jsonl" for s in ("train", "valid")]
-    hashes = {p.name: runs.file_sha256(p) for p in data_files}
+    data_files = _data_files(opts)
     resume = None
     if resume_from is not None:
         _, tensors, arrays, state = checkpoints.read(resume_from)
-        changed = checkpoints.differences(state["options"], dataclasses.asdict(opts))
-        changed += [f"{opts.data}/{name}: changed since the checkpoint" for name, digest in hashes.items()
-                    if state.get("data", {}).get(name) not in (None, digest)]
-        if changed:
-            raise UserError([f"--resume: {resume_from} was written with other options than this run's:"] + changed +
-                            ["run again with the checkpoint's options (they are in its trainer_state.json)"])
         engine.set_adapter(model, spec, tensors)
         resume = (arrays, state)
         log(f"Resuming from {resume_from} (step {state['step']} of {opts.iters})")
@@ -329,7 +323,26 @@ def _train(engine, model, model_dir, opts, resume_from, log):
                                common_start([ex.tokens for ex in train_set])):
         log(f"Saving: {line}")
     train_loop(engine, model, train_set, valid_set, opts, run_dir, log=log, resume=resume,
-               vocab_size=config.get("vocab_size"), record={"data": hashes})
+               vocab_size=config.get("vocab_size"), record={"data": _hashes(data_files)})
+
+
+def _data_files(opts):
+    return [Path(opts.data) / f"{s}.jsonl" for s in ("train", "valid")]
+
+
+def _hashes(files):
+    return {p.name: runs.file_sha256(p) for p in files}
+
+
+def _check_resumable(checkpoint, opts):
+    """Refuse to resume `checkpoint` with other training options or other data than it was written with."""
+    state = checkpoints.read_state(checkpoint)
+    changed = checkpoints.differences(state.get("options", {}), dataclasses.asdict(opts))
+    changed += [f"{opts.data}/{name}: changed since the checkpoint" for name, digest in
+                _hashes(_data_files(opts)).items() if state.get("data", {}).get(name) not in (None, digest)]
+    if changed:
+        raise UserError([f"--resume: {checkpoint} was written with other options than this run's:"] + changed +
+                        [f"run again with the checkpoint's options (they are in its {checkpoints.STATE})"])
 
 
 def _start_weights(path):
