@@ -354,12 +354,14 @@ def test_a_signal_saves_a_checkpoint_says_how_to_resume_and_the_resume_is_exact(
     assert_same(run, root / "plain")
 
 
-def test_crash_then_resume_on_the_mlx_engine_matches_within_float_tolerance(tiny_llama, data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_crash_then_resume_on_the_mlx_engine_matches_within_float_tolerance(tiny_llama, data, tmp_path, monkeypatch,
+                                                                            dropout):
     from tests.engines.engine_params import engine_module
 
     mlx_engine = engine_module("mlx")
     opts = options(tiny_llama, data, tmp_path / "reference", engine="mlx", iters=10, steps_per_report=2,
-                   steps_per_eval=5)
+                   steps_per_eval=5, lora_dropout=dropout)
     train.lora(opts, log=quiet)
     real = mlx_engine.train_step
     calls = {"n": 0}

@@ -55,6 +55,8 @@ class Model:
     spec: object = None       # adapters.AdapterSpec when adapters are attached
     quantized: tuple = None   # (bits, group_size) when the base weights are quantized
     prefix: PrefixCache = None
+    seed: int = 0             # attach_lora's seed: with dropout, step k draws its masks from seed and k
+    steps: int = 0            # training steps taken (saved in checkpoints, so a resumed run draws the same masks)
 
 
 def pick_device(device="auto"):
@@ -199,6 +201,7 @@ def attach_lora(m, spec, seed=0):
 
     layer_type = DoRALinear if spec.dora else LoRALinear
     mx.random.seed(seed)
+    m.seed, m.steps = seed, 0
     m.model.freeze()
     layers = m.model.layers
     missing = []
@@ -277,14 +280,17 @@ def make_optimizer(m, learning_rate):
 
 
 def training_state(m, optimizer):
-    """Adam's state (moments and step count), by the trained arrays' names. MLX's global random key
-    cannot be set back, so a resumed run with --lora-dropout draws other dropout masks."""
+    """Adam's state (moments and step count), by the trained arrays' names, and the steps taken (MLX's
+    global random key cannot be read back, so each step's dropout masks come from the seed and the step)."""
     mx.eval(optimizer.state)
-    return {f"optimizer/{name}": np.array(value) for name, value in tree_flatten(optimizer.state)}
+    state = {f"optimizer/{name}": np.array(value) for name, value in tree_flatten(optimizer.state)}
+    return {**state, "rng/steps": np.array([m.steps], dtype=np.int64)}
 
 
 def load_training_state(m, optimizer, arrays):
     """Put `training_state`'s arrays back into the optimizer."""
+    if "rng/steps" in arrays:
+        m.steps = int(arrays["rng/steps"][0])
     saved = {k[len("optimizer/"):]: v for k, v in arrays.items() if k.startswith("optimizer/")}
     if not saved:
         return
@@ -366,6 +372,9 @@ def _token_losses(m, batch):
 def train_step(m, optimizer, batches):
     """One Adam step over one batch or several micro-batches (gradients accumulated, one backward each)."""
     m.model.train()
+    if m.spec.dropout:
+        mx.random.seed(m.seed * 1_000_003 + m.steps)
+    m.steps += 1
     batches = batches if isinstance(batches, (list, tuple)) else [batches]
     total = sum(int(b.supervised[:, 1:].sum()) for b in batches)
     loss_sum, grads = 0.0, None
