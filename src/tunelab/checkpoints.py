@@ -182,6 +182,8 @@ def differences(saved, current):
     for name in sorted(set(saved) | set(current)):
         if name in RESUMABLE_CHANGES:
             continue
+        if name == "iters" and saved.get("epochs") is not None and saved.get("epochs") == current.get("epochs"):
+            continue   # the run's length came from --epochs
         if saved.get(name) != current.get(name):
             out.append(f"--{name.replace('_', '-')}: was {saved.get(name)!r}, now {current.get(name)!r}")
     return out

@@ -36,6 +36,12 @@ def list_of_str(text):
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def schedule(text):
+    """A learning-rate schedule: a shorthand name on the command line; in a config file also mlx-lm's
+    mapping (name, arguments, warmup, warmup_init)."""
+    return text
+
+
 @dataclass
 class PrepareOptions:
     source: str = opt(
@@ -83,7 +89,21 @@ class LoraOptions:
     iters: int = opt(1000, "Training steps.")
     val_batches: int = opt(25, "Validation batches per evaluation (-1: the whole valid set).")
     test_batches: int = opt(500, "Test batches (-1: the whole test set).")
-    learning_rate: float = opt(1e-5, "Adam learning rate.")
+    learning_rate: float = opt(1e-5, "Learning rate (the peak, with --lr-schedule and --warmup).")
+    epochs: int = opt(None, "Passes over train.jsonl, instead of --iters: the run takes epochs x its batches an "
+                      "epoch (rows / batch size, rounded up, / --grad-accumulation-steps) steps.", kind=int)
+    optimizer: str = opt("adam", "Optimizer: adam, or adamw (Adam with decoupled weight decay).",
+                         choices=["adam", "adamw"])
+    weight_decay: float = opt(None, "AdamW's weight decay (default 0.01, as mlx-lm's and PyTorch's AdamW); adam "
+                              "takes none.", kind=float)
+    lr_schedule: object = opt("constant", "Learning-rate schedule: constant, cosine (to --min-lr at the last step) "
+                              "or linear (likewise); a config file may give mlx-lm's lr_schedule mapping "
+                              "(name, arguments, warmup, warmup_init).", kind=schedule, metavar="NAME")
+    warmup: int = opt(0, "Steps of linear warm-up from --warmup-init to --learning-rate before the schedule.")
+    warmup_init: float = opt(0.0, "Learning rate of the first warm-up step.")
+    min_lr: float = opt(0.0, "Learning rate a cosine or linear schedule ends at.")
+    max_grad_norm: float = opt(None, "Clip the gradients' global norm to this (default: no clipping, as mlx-lm); "
+                               "the norm before clipping is logged.", kind=float)
     steps_per_report: int = opt(10, "Steps between training-loss reports.")
     steps_per_eval: int = opt(200, "Steps between validation-loss evaluations.")
     save_every: int = opt(100, "Save the adapter every N steps.")
@@ -281,10 +301,13 @@ def _coerce(name, value, f, where):
         if isinstance(value, str):
             value = list_of_str(value)
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif kind is schedule:
+        ok = isinstance(value, (str, dict))
     else:
         ok = isinstance(value, str)
     if not ok:
-        expected = getattr(kind, "__name__", "value").replace("list_of_str", "list of strings")
+        expected = getattr(kind, "__name__", "value").replace("list_of_str", "list of strings").replace(
+            "schedule", "a schedule name or mapping")
         expected = "finite float" if kind is float and isinstance(value, float) else expected
         return None, f"{where}: {name}: expected {expected}, got {value!r}"
     choices = f.metadata["choices"]

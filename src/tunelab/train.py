@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tunelab import adapters, checkpoints, engines, evaluate, models, runs
+from tunelab import adapters, checkpoints, engines, evaluate, models, runs, schedules
 from tunelab.data.batching import common_start, eval_batches, training_batches
 from tunelab.data.formats import quarantine, read_rows, scan_rows
 from tunelab.data.templates import encode_rows, set_chat_template
@@ -44,6 +44,18 @@ def check_options(opts):
         problems.append("--resume and --resume-adapter-file need --train")
     if opts.train and not opts.adapter_path:
         problems.append("--adapter-path: a folder is needed to train into")
+    if opts.epochs is not None and opts.epochs < 1:
+        problems.append(f"--epochs: must be at least 1, got {opts.epochs}")
+    if opts.weight_decay is not None and opts.optimizer == "adam":
+        problems.append("--weight-decay: Adam takes none here; pass --optimizer adamw for decoupled weight decay")
+    if opts.weight_decay is not None and opts.weight_decay < 0:
+        problems.append(f"--weight-decay: must be 0 or more, got {opts.weight_decay}")
+    if opts.max_grad_norm is not None and opts.max_grad_norm <= 0:
+        problems.append(f"--max-grad-norm: must be positive, got {opts.max_grad_norm}")
+    try:
+        _schedule(opts)
+    except UserError as e:
+        problems += e.problems
     if opts.learning_rate <= 0:
         problems.append(f"--learning-rate: must be positive, got {opts.learning_rate}")
     if not 0 <= opts.lora_dropout < 1:
@@ -142,6 +154,16 @@ def _collapse(loss, start, vocab_size, loop):
     return None
 
 
+def _schedule(opts):
+    """The run's learning-rate schedule, (name, arguments, warmup, warmup_init) as in schedules.py."""
+    return schedules.from_options(opts.lr_schedule, opts.learning_rate, opts.iters, opts.warmup, opts.warmup_init,
+                                  opts.min_lr)
+
+
+def _weight_decay(opts):
+    return (0.01 if opts.weight_decay is None else opts.weight_decay) if opts.optimizer == "adamw" else 0.0
+
+
 def _resume_command(opts):
     return f"tunelab lora --train --resume --adapter-path {opts.adapter_path} (with this run's other options)"
 
@@ -153,9 +175,11 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
     `resume`: (state arrays, state) of the checkpoint to continue from. Every step's outcome is the
     same as in a run that was never interrupted: the data order, optimizer and random states, and the
     unreported part of the loss window all come back."""
-    optimizer = engine.make_optimizer(model, opts.learning_rate)
-    loop = {"step": 0, "window": [0.0, 0, 0], "val_loss": None, "start_val": None, "last_loss": None, "bad": 0,
-            "uniform": 0}
+    schedule = _schedule(opts)
+    learning_rate = schedules.build(*schedule)
+    optimizer = engine.make_optimizer(model, learning_rate(1), opts.optimizer, _weight_decay(opts))
+    loop = {"step": 0, "window": [0.0, 0, 0, 0.0], "val_loss": None, "start_val": None, "last_loss": None,
+            "bad": 0, "uniform": 0}
     if resume is not None:
         arrays, saved = resume
         engine.load_training_state(model, optimizer, arrays)
@@ -187,14 +211,15 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
                         "lower --learning-rate")
 
     def report(step, seconds):
-        window_loss, window_steps, window_tokens = loop["window"]
+        window_loss, window_steps, window_tokens, window_norms = loop["window"]
         loop["last_loss"], tokens_per_s = window_loss / window_steps, window_tokens / seconds
         peak = engine.peak_memory()
-        metrics.write(step=step, train_loss=loop["last_loss"], learning_rate=opts.learning_rate,
-                      iterations_per_s=window_steps / seconds, tokens_per_s=tokens_per_s, peak_memory_gb=peak / 1e9)
-        tqdm.write(f"Iter {step}: Train loss {loop['last_loss']:.3f}, It/sec {window_steps / seconds:.3f}, "
-                   f"Tokens/sec {tokens_per_s:.1f}, Peak mem {peak / 1e9:.3f} GB")
-        loop["window"] = [0.0, 0, 0]
+        metrics.write(step=step, train_loss=loop["last_loss"], learning_rate=learning_rate(step),
+                      grad_norm=window_norms / window_steps, iterations_per_s=window_steps / seconds,
+                      tokens_per_s=tokens_per_s, peak_memory_gb=peak / 1e9)
+        tqdm.write(f"Iter {step}: Train loss {loop['last_loss']:.3f}, Learning Rate {learning_rate(step):.3e}, "
+                   f"It/sec {window_steps / seconds:.3f}, Tokens/sec {tokens_per_s:.1f}, Peak mem {peak / 1e9:.3f} GB")
+        loop["window"] = [0.0, 0, 0, 0.0]
         why = _collapse(loop["last_loss"], None, vocab_size, loop)
         if why:
             refuse(step, f"training loss {loop['last_loss']:.3f} {why}")
@@ -217,12 +242,14 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
             while loop["step"] < opts.iters and stop.signum is None:
                 step = loop["step"] + 1
                 micro = [next(batches) for _ in range(micro_batches)]
-                result = engine.train_step(model, optimizer, micro if len(micro) > 1 else micro[0])
+                result = engine.train_step(model, optimizer, micro if len(micro) > 1 else micro[0],
+                                           learning_rate(step), opts.max_grad_norm)
                 loop["step"] = step
                 if result.finite:
                     loop["bad"] = 0
-                    loop["window"] = [loop["window"][0] + result.loss, loop["window"][1] + 1,
-                                      loop["window"][2] + sum(b.real_tokens for b in micro)]
+                    losses, steps, tokens, norms = loop["window"]
+                    loop["window"] = [losses + result.loss, steps + 1, tokens + sum(b.real_tokens for b in micro),
+                                      norms + result.grad_norm]
                 else:   # the engine left the weights and the optimizer as they were
                     loop["bad"] += 1
                     metrics.write(step=step, skipped="non-finite loss or gradient")
@@ -292,6 +319,10 @@ def _train(engine, model, model_dir, opts, resume_from, log):
     """Set the adapters up (fresh, from --resume-adapter-file, or from a checkpoint) and run the loop."""
     train_set = load_split(model, opts.data, "train", opts, log)
     valid_set = load_split(model, opts.data, "valid", opts, log)
+    if opts.epochs is not None:
+        per_epoch = math.ceil(math.ceil(len(train_set) / opts.batch_size) / opts.grad_accumulation_steps)
+        opts = dataclasses.replace(opts, iters=opts.epochs * per_epoch)
+        log(f"--epochs {opts.epochs}: {opts.iters} steps of {per_epoch} an epoch")
     config = models.read_config(model_dir)
     spec = adapters.spec_for(opts.num_layers, config["num_hidden_layers"], opts.lora_rank, opts.lora_scale,
                              opts.lora_dropout, opts.lora_keys, base_model=opts.model,
@@ -318,6 +349,9 @@ def _train(engine, model, model_dir, opts, resume_from, log):
     log(f"Training {len(spec.modules())} {kind} modules (rank {spec.rank}, scale {spec.scale:g}) on the top "
         f"{spec.num_layers} blocks; {len(train_set)} rows, {tokens} tokens, "
         f"{100 * supervised / tokens:.0f}% supervised")
+    clip = f", gradients clipped to norm {opts.max_grad_norm:g}" if opts.max_grad_norm is not None else ""
+    decay = f" (weight decay {_weight_decay(opts):g})" if opts.optimizer == "adamw" else ""
+    log(f"Optimizer: {opts.optimizer}{decay}; learning rate: {schedules.describe(*_schedule(opts))}{clip}")
     for line in engine.savings(model, len(train_set) + len(valid_set),
                                tokens + sum(len(ex.tokens) for ex in valid_set),
                                common_start([ex.tokens for ex in train_set])):

@@ -57,6 +57,26 @@ def test_one_training_step_gives_the_same_loss_and_adapter(tiny_model):
         assert np.abs(b).max() > 1e-4       # the steps did move B away from its random start
 
 
+def test_adamw_clipping_and_a_schedule_are_the_same_on_both_engines(tiny_model):
+    from tunelab import schedules
+
+    spec = adapters.spec_for(-1, 2, 4, 2.0, 0.0)
+    t, m = pair(tiny_model, spec)
+    batch = batch_for(t)
+    rate = schedules.build(*schedules.from_options("cosine", 1e-2, 4, warmup=1, warmup_init=1e-3))
+    ours, theirs = torch_engine.make_optimizer(t, rate(1), "adamw", 0.1), mlx.make_optimizer(m, rate(1), "adamw", 0.1)
+    for step in range(1, 5):
+        step_t = torch_engine.train_step(t, ours, batch, rate(step), max_grad_norm=0.05)
+        step_m = mlx.train_step(m, theirs, batch, rate(step), max_grad_norm=0.05)
+        assert step_m.loss == pytest.approx(step_t.loss, rel=1e-5)
+        assert step_m.grad_norm == pytest.approx(step_t.grad_norm, rel=1e-4)
+        assert step_t.grad_norm > 0.05   # the clipping was applied
+    after_t, after_m = torch_engine.adapter_tensors(t), mlx.adapter_tensors(m)
+    for module, (a, b) in after_t.items():
+        np.testing.assert_allclose(after_m[module][0], a, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(after_m[module][1], b, rtol=0, atol=1e-5)
+
+
 def train_with_cli(engine_name, model, folder):
     write_jsonl(folder / "data" / "train.jsonl", ROWS * 4)
     write_jsonl(folder / "data" / "valid.jsonl", ROWS)

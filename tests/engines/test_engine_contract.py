@@ -324,3 +324,71 @@ def test_filling_the_prefix_cache_ahead_caches_what_training_would(engine, tiny_
     filled.prefix.rows, filled.prefix.full = {}, True
     engine.fill_prefix(filled, eval_batches(examples, 2))     # a full cache takes nothing more
     assert filled.prefix.rows == {}
+
+
+def _captured_gradients(engine, model, optimizer):
+    """Each optimizer step's gradients as they reach it, [{name: array}], through a wrapper on its step."""
+    seen = []
+    if engine.name == "torch":
+        real = optimizer.step
+
+        def step(*args, **kwargs):
+            seen.append([p.grad.detach().clone().numpy() for g in optimizer.param_groups for p in g["params"]])
+            return real(*args, **kwargs)
+        optimizer.step = step
+    else:
+        from mlx.utils import tree_flatten
+
+        real = optimizer.update
+
+        def update(module, grads):
+            seen.append([np.array(g) for _, g in tree_flatten(grads)])
+            return real(module, grads)
+        optimizer.update = update
+    return seen
+
+
+def test_clipping_scales_the_gradients_to_the_norm_and_reports_it(engine, tiny_model):
+    model, _ = with_adapter(engine, tiny_model)
+    batch = batch_for(model)
+    optimizer = engine.make_optimizer(model, 0.0)
+    seen = _captured_gradients(engine, model, optimizer)
+    free = engine.train_step(model, optimizer, batch)
+    norm = float(np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in seen[0])))
+    assert free.grad_norm == pytest.approx(norm, rel=1e-5)
+    clipped = engine.train_step(model, optimizer, batch, max_grad_norm=norm / 4)   # lr 0: the same gradients
+    assert clipped.grad_norm == pytest.approx(norm, rel=1e-5)
+    for before, after in zip(seen[0], seen[1]):
+        np.testing.assert_allclose(after, before * (norm / 4) / (norm + 1e-6), rtol=1e-5, atol=1e-9)
+    engine.train_step(model, optimizer, batch, max_grad_norm=norm * 4)
+    for before, after in zip(seen[0], seen[2]):
+        np.testing.assert_allclose(after, before, rtol=1e-6, atol=0)
+
+
+def test_a_step_runs_at_the_learning_rate_it_is_given(engine, tiny_model):
+    results = []
+    for made, given in ((1e-3, None), (5e-2, 1e-3)):
+        model, _ = with_adapter(engine, tiny_model)
+        optimizer = engine.make_optimizer(model, made)
+        engine.train_step(model, optimizer, batch_for(model), learning_rate=given)
+        results.append(engine.adapter_tensors(model))
+    for module, arrays in results[0].items():
+        for a, b in zip(arrays, results[1][module]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_adamw_decays_the_adapter_weights(engine, tiny_model):
+    after = {}
+    for decay in (0.0, 0.5):
+        model, _ = with_adapter(engine, tiny_model)
+        optimizer = engine.make_optimizer(model, 1e-2, "adamw", decay)
+        engine.train_step(model, optimizer, batch_for(model))
+        after[decay] = engine.adapter_tensors(model)
+    model, _ = with_adapter(engine, tiny_model)
+    adam = engine.make_optimizer(model, 1e-2)
+    engine.train_step(model, adam, batch_for(model))
+    for module, (a, b) in engine.adapter_tensors(model).items():
+        np.testing.assert_allclose(after[0.0][module][1], b, rtol=1e-6, atol=1e-7)   # AdamW without decay is Adam
+    start, _ = with_adapter(engine, tiny_model)
+    for module, (a, b) in engine.adapter_tensors(start).items():   # (1 - lr * decay) on top of Adam's step
+        np.testing.assert_allclose(after[0.5][module][1], after[0.0][module][1] - 1e-2 * 0.5 * b, rtol=1e-5, atol=1e-6)

@@ -70,13 +70,13 @@ def crash_at(monkeypatch, call, mid_accumulation=False):
     real = torch_engine.train_step
     count = {"calls": 0}
 
-    def step(m, optimizer, batches):
+    def step(m, optimizer, batches, *args):
         count["calls"] += 1
         if count["calls"] == call:
             if mid_accumulation:
-                real(m, optimizer, batches[0])   # the first micro-batch's work happens, then the process dies
+                real(m, optimizer, batches[0], *args)   # the first micro-batch's work happens, then the process dies
             raise Crash()
-        return real(m, optimizer, batches)
+        return real(m, optimizer, batches, *args)
 
     monkeypatch.setattr(torch_engine, "train_step", step)
     return lambda: monkeypatch.setattr(torch_engine, "train_step", real)
@@ -87,7 +87,9 @@ def references(tiny_llama, data, tmp_path_factory):
     """Uninterrupted runs, one per setting the crash tests use."""
     root = tmp_path_factory.mktemp("references")
     settings = {"plain": {}, "accumulation": {"grad_accumulation_steps": 2, "iters": 20},
-                "dropout": {"lora_dropout": 0.2, "iters": 20}}
+                "dropout": {"lora_dropout": 0.2, "iters": 20},
+                "schedule": {"lr_schedule": "cosine", "warmup": 3, "max_grad_norm": 0.5, "optimizer": "adamw",
+                             "epochs": 2}}
     for name, changes in settings.items():
         train.lora(options(tiny_llama, data, root / name, **changes), log=quiet)
     return root, settings
@@ -98,6 +100,7 @@ def references(tiny_llama, data, tmp_path_factory):
     ("plain", 23, 20, False),          # step 20: the middle of the second epoch, inside a report window
     ("accumulation", 13, 10, True),    # dies between the two micro-batches of step 13
     ("dropout", 9, 5, False),          # dropout masks come from the restored random state
+    ("schedule", 14, 10, False),       # warm-up, cosine decay, clipping and AdamW, the length set by --epochs
 ])
 def test_crash_then_resume_is_bit_identical(tiny_llama, data, tmp_path, monkeypatch, references, setting, call,
                                             resumed_at, mid):
@@ -248,14 +251,14 @@ def test_full_disk_keeps_the_last_checkpoint_and_resumes_exactly(tiny_llama, dat
         real = torch_engine.train_step
         calls = {"n": 0}
 
-        def fill_disk_then_step(m, optimizer, batches):
+        def fill_disk_then_step(m, optimizer, batches, *args):
             calls["n"] += 1
             if calls["n"] == 12:   # after the checkpoint of step 10: nothing more fits
                 with open(disk / "filler", "wb") as f, pytest.raises(OSError):
                     while True:
                         f.write(b"\0" * 65536)
                         f.flush()
-            return real(m, optimizer, batches)
+            return real(m, optimizer, batches, *args)
 
         monkeypatch.setattr(torch_engine, "train_step", fill_disk_then_step)
         with pytest.raises(OSError) as e:
@@ -366,11 +369,11 @@ def test_crash_then_resume_on_the_mlx_engine_matches_within_float_tolerance(tiny
     real = mlx_engine.train_step
     calls = {"n": 0}
 
-    def step(m, optimizer, batches):
+    def step(m, optimizer, batches, *args):
         calls["n"] += 1
         if calls["n"] == 8:
             raise Crash()
-        return real(m, optimizer, batches)
+        return real(m, optimizer, batches, *args)
 
     monkeypatch.setattr(mlx_engine, "train_step", step)
     run = tmp_path / "run"

@@ -14,15 +14,18 @@ An engine is a module with these functions (`Model` is the engine's own handle):
   fill_prefix(model, batches)                         when model.prefix (the frozen-prefix cache) is not
                                                       None: compute the cached rows of these batches now,
                                                       many rows at a time, until the cache is full
-  make_optimizer(model, learning_rate) -> Optimizer
+  make_optimizer(model, learning_rate, name, weight_decay) -> Optimizer   Adam or AdamW
   training_state(model, optimizer) -> {name: array}   optimizer state and random generator states, for a
                                                       checkpoint (with the adapter, all a resumed run needs)
   load_training_state(model, optimizer, arrays)       put them back
-  train_step(model, optimizer, batches) -> StepResult one Adam step on a batching.Batch, or on a list of
+  train_step(model, optimizer, batches, learning_rate, max_grad_norm) -> StepResult
+                                                      one optimizer step on a batching.Batch, or on a list of
                                                       micro-batches (gradient accumulation): the loss is the
                                                       mean over all their supervised tokens, exactly as one
                                                       batch holding every row would give; a non-finite loss
-                                                      or gradient skips the update (StepResult.finite False)
+                                                      or gradient skips the update (StepResult.finite False);
+                                                      at learning_rate (the schedule's), the gradients' global
+                                                      norm scaled to max_grad_norm where it is larger
   eval_loss(model, batch) -> (loss_sums, counts)     per row [B]: summed cross-entropy over its
                                                       supervised tokens, and their number
   generate(model, prompt_ids, max_tokens, temp, top_p, seed, stop_ids)
@@ -46,6 +49,7 @@ class StepResult:
     loss: float              # mean cross-entropy over the batch's supervised tokens
     supervised_tokens: int
     finite: bool = True      # False: the loss or a gradient was NaN or infinite, and the step was not applied
+    grad_norm: float = None  # global norm of the gradients, before any clipping
 
 
 def resident_peak():

@@ -274,8 +274,11 @@ def savings(m, rows, tokens, common=0):
     return lines
 
 
-def make_optimizer(m, learning_rate):
-    # bias_correction: the same update as torch.optim.Adam (MLX's default leaves it out)
+def make_optimizer(m, learning_rate, name="adam", weight_decay=0.0):
+    """Adam, or AdamW with decoupled `weight_decay`; bias_correction: the same update as torch.optim.Adam and
+    AdamW (MLX's default leaves it out)."""
+    if name == "adamw":
+        return optim.AdamW(learning_rate=learning_rate, weight_decay=weight_decay, bias_correction=True)
     return optim.Adam(learning_rate=learning_rate, bias_correction=True)
 
 
@@ -369,8 +372,9 @@ def _token_losses(m, batch):
     return nn.losses.cross_entropy(logits, targets, reduction="none"), rows
 
 
-def train_step(m, optimizer, batches):
-    """One Adam step over one batch or several micro-batches (gradients accumulated, one backward each)."""
+def train_step(m, optimizer, batches, learning_rate=None, max_grad_norm=None):
+    """One optimizer step over one batch or several micro-batches (gradients accumulated, one backward each),
+    at `learning_rate` when given, the gradients' global norm clipped to `max_grad_norm` when given."""
     m.model.train()
     if m.spec.dropout:
         mx.random.seed(m.seed * 1_000_003 + m.steps)
@@ -388,11 +392,16 @@ def train_step(m, optimizer, batches):
         mx.eval(grads, part)
         loss_sum += float(part) * total
     value = loss_sum / total
-    finite = bool(np.isfinite(value)) and all(bool(mx.isfinite(g).all()) for _, g in tree_flatten(grads))
+    norm = float(mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads))))
+    finite = bool(np.isfinite(value)) and bool(np.isfinite(norm))
     if finite:   # a step with a non-finite loss or gradient changes nothing
+        if max_grad_norm is not None and norm > max_grad_norm:
+            grads = tree_map(lambda g: g * (max_grad_norm / (norm + 1e-6)), grads)
+        if learning_rate is not None:
+            optimizer.learning_rate = learning_rate
         optimizer.update(m.model, grads)
         mx.eval(m.model.trainable_parameters(), optimizer.state)
-    return StepResult(value, total, finite)
+    return StepResult(value, total, finite, norm)
 
 
 def eval_loss(m, batch):

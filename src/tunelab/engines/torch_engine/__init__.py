@@ -295,12 +295,14 @@ def adapter_tensors(m):
             for module, layer in _lora_modules(m).items()}
 
 
-def make_optimizer(m, learning_rate):
+def make_optimizer(m, learning_rate, name="adam", weight_decay=0.0):
+    """torch.optim.Adam, or AdamW with decoupled `weight_decay`, over the trained tensors."""
     params = [p for p in m.model.parameters() if p.requires_grad]
+    kind, extra = (torch.optim.AdamW, {"weight_decay": weight_decay}) if name == "adamw" else (torch.optim.Adam, {})
     try:   # one kernel per tensor instead of a dozen small ops (CPUs and GPUs)
-        return torch.optim.Adam(params, lr=learning_rate, fused=True)
+        return kind(params, lr=learning_rate, fused=True, **extra)
     except RuntimeError:
-        return torch.optim.Adam(params, lr=learning_rate)
+        return kind(params, lr=learning_rate, **extra)
 
 
 def training_state(m, optimizer):
@@ -490,8 +492,9 @@ def _set_mode(m, training):
         m.training = training
 
 
-def train_step(m, optimizer, batches):
-    """One Adam step over one batch or several micro-batches (gradients accumulated, one backward each)."""
+def train_step(m, optimizer, batches, learning_rate=None, max_grad_norm=None):
+    """One optimizer step over one batch or several micro-batches (gradients accumulated, one backward each),
+    at `learning_rate` when given, the gradients' global norm clipped to `max_grad_norm` when given."""
     _set_mode(m, True)
     batches = batches if isinstance(batches, (list, tuple)) else [batches]
     total = sum(int(b.supervised[:, 1:].sum()) for b in batches)
@@ -510,11 +513,17 @@ def train_step(m, optimizer, batches):
         loss_sum += float(losses.detach().sum())
     value = loss_sum / total
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    finite = bool(np.isfinite(value)) and bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+    norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()))
+    finite = bool(np.isfinite(value)) and bool(np.isfinite(norm))
     if finite:   # a step with a non-finite loss or gradient changes nothing
+        if max_grad_norm is not None and norm > max_grad_norm:
+            torch._foreach_mul_(grads, max_grad_norm / (norm + 1e-6))
+        if learning_rate is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
         optimizer.step()
     optimizer.zero_grad(set_to_none=replays is None)
-    return StepResult(value, total, finite)
+    return StepResult(value, total, finite, norm)
 
 
 @torch.no_grad()

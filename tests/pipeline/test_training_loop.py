@@ -1,0 +1,77 @@
+"""The loop's schedule, epochs, optimizer and clipping through the real `lora` stage and mlx-lm's config form."""
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import yaml
+
+from tunelab import schedules, train
+from tunelab.cli import main
+from tunelab.config import LoraOptions, PrepareOptions
+from tunelab.data.prepare import prepare
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("loop") / "data"
+    prepare(PrepareOptions(out=str(out), num_rows=31, valid_rows=5, test_rows=5), log=quiet)
+    return out   # 21 training rows: 11 batches of 2 an epoch
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_logged_learning_rates_follow_the_schedule_and_epochs_set_the_length(tiny_llama, data, tmp_path):
+    opts = replace(LoraOptions(), model=str(tiny_llama), data=str(data), train=True, epochs=3, batch_size=2,
+                   grad_accumulation_steps=2, num_layers=1, mask_prompt=True, learning_rate=1e-3,
+                   lr_schedule="cosine", warmup=2, min_lr=1e-5, steps_per_report=1, steps_per_eval=100,
+                   adapter_path=str(tmp_path / "run"), dtype="float32", engine="torch")
+    lines = []
+    train.lora(opts, log=lines.append)
+    per_epoch = math.ceil(math.ceil(21 / 2) / 2)
+    assert any(f"--epochs 3: {3 * per_epoch} steps of {per_epoch} an epoch" in line for line in lines)
+    assert any("learning rate: linear warm-up from 0 over 2 steps, then cosine_decay(" in line for line in lines)
+    reports = [m for m in metrics(tmp_path / "run") if "train_loss" in m]
+    assert [m["step"] for m in reports] == list(range(1, 3 * per_epoch + 1))
+    rate = schedules.build(*schedules.from_options("cosine", 1e-3, 3 * per_epoch, 2, 0.0, 1e-5))
+    assert [m["learning_rate"] for m in reports] == [rate(m["step"]) for m in reports]
+    assert reports[-1]["learning_rate"] == pytest.approx(1e-5)
+    assert all(m["grad_norm"] > 0 for m in reports)
+
+
+def test_mlx_lm_config_keys_for_the_schedule_and_optimizer(tiny_llama, data, tmp_path):
+    config = tmp_path / "lora_config.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(tiny_llama), "data": str(data), "train": True, "iters": 6, "batch_size": 2,
+        "num_layers": 1, "learning_rate": "1e-3", "steps_per_report": 1, "adapter_path": str(tmp_path / "run"),
+        "optimizer": "adamw", "weight_decay": 0.05, "max_grad_norm": 1.0,
+        "lr_schedule": {"name": "cosine_decay", "warmup": 2, "warmup_init": 1e-7, "arguments": [1e-3, 4, 1e-7]},
+    }).replace("'1e-3'", "1e-3"))
+    assert main(["lora", "-c", str(config), "--dtype", "float32"]) == 0
+    rate = schedules.build("cosine_decay", [1e-3, 4, 1e-7], 2, 1e-7)
+    reports = [m for m in metrics(tmp_path / "run") if "train_loss" in m]
+    assert [m["learning_rate"] for m in reports] == [rate(s) for s in range(1, 7)]
+    manifest = json.loads((tmp_path / "run" / "tunelab_run.json").read_text())
+    assert manifest["options"]["optimizer"] == "adamw" and manifest["options"]["weight_decay"] == 0.05
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--weight-decay", "0.1"], "--weight-decay: Adam takes none here"),
+    (["--max-grad-norm", "0"], "--max-grad-norm: must be positive"),
+    (["--epochs", "0"], "--epochs: must be at least 1"),
+    (["--lr-schedule", "cosine_decay"], "go in a config file's lr_schedule mapping"),
+    (["--lr-schedule", "cosine", "--warmup", "-2"], "--warmup: must be 0 or more"),
+])
+def test_bad_loop_options_are_named_before_any_work(tiny_llama, data, tmp_path, capsys, flags, message):
+    code = main(["lora", "--train", "--model", str(tiny_llama), "--data", str(data), "--adapter-path",
+                 str(tmp_path / "run"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "run").exists()
