@@ -174,6 +174,18 @@ def _utf8_json(path):
         raise UserError(f"{path}: nested too deeply to read: not an adapter config") from None
 
 
+def provenance(folder):
+    """Which save an adapter folder holds, for the user: ' (step N, validation loss X)' or ''."""
+    try:
+        record = json.loads((Path(folder) / CONFIG).read_text(encoding="utf-8")).get("tunelab", {})
+    except (OSError, ValueError, AttributeError):
+        return ""
+    parts = [f"step {record['step']}"] if isinstance(record.get("step"), int) else []
+    if isinstance(record.get("val_loss"), float):
+        parts.append(f"validation loss {record['val_loss']:.3f}")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _check_file_hashes(folder, config):
     """Compare each file that config["tunelab"]["files"] ({name: sha256 hex}) lists, where present, with its
     recorded hash: a mismatch means the files come from different saves."""

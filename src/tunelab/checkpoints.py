@@ -33,7 +33,6 @@ MARKER = "COMMITTED"
 STATE_ARRAYS = "trainer_state.safetensors"
 STATE = "trainer_state.json"
 ADAPTER_FILES = (adapters.PEFT_WEIGHTS, adapters.MLX_WEIGHTS, adapters.CONFIG)
-RUN_FILES = ADAPTER_FILES + (runs.METRICS, runs.MANIFEST, FOLDER)
 
 # Options that may differ between a checkpoint and the run that resumes it: they change nothing of
 # the training computation or its files.

@@ -107,6 +107,11 @@ class LoraOptions:
     steps_per_report: int = opt(10, "Steps between training-loss reports.")
     steps_per_eval: int = opt(200, "Steps between validation-loss evaluations.")
     save_every: int = opt(100, "Save the adapter every N steps.")
+    keep_best: bool = opt(False, "Also keep the adapter of the lowest validation loss so far in "
+                          "<adapter-path>/best (its step and loss in its adapter_config.json).")
+    early_stop: int = opt(None, "Stop after this many validations in a row without a lower validation loss "
+                          "than the best so far (the run's last adapter is saved; with --keep-best, best/ "
+                          "holds the best one).", kind=int)
     adapter_path: str = opt("adapters", "Folder for the adapter, its config and metrics.jsonl (the run folder).")
     max_seq_length: int = opt(2048, "Longest row in tokens, after templating (see --long-rows).")
     long_rows: str = opt("truncate", "Rows longer than --max-seq-length: truncate (keeping the supervised part "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tunelab import adapters, checkpoints, engines, evaluate, models, runs, schedules
+from tunelab import adapters, atomic, checkpoints, engines, evaluate, models, runs, schedules
 from tunelab.data.batching import common_start, eval_batches, training_batches
 from tunelab.data.formats import quarantine, read_rows, scan_rows
 from tunelab.data.templates import encode_rows, set_chat_template
@@ -44,6 +44,8 @@ def check_options(opts):
         problems.append("--resume and --resume-adapter-file need --train")
     if opts.train and not opts.adapter_path:
         problems.append("--adapter-path: a folder is needed to train into")
+    if opts.early_stop is not None and opts.early_stop < 1:
+        problems.append(f"--early-stop: must be at least 1 validation, got {opts.early_stop}")
     if opts.epochs is not None and opts.epochs < 1:
         problems.append(f"--epochs: must be at least 1, got {opts.epochs}")
     if opts.weight_decay is not None and opts.optimizer == "adam":
@@ -111,6 +113,7 @@ def _progress_text(step, loss, val_loss, tokens_per_s, peak):
     return ", ".join(parts)
 
 
+BEST = "best"        # <adapter-path>/best: the adapter of the lowest validation loss (--keep-best)
 FILL_TOKENS = 4096   # positions a batch (rows times the longest row) when the frozen-prefix cache is filled
                      # ahead of training: rows that begin alike compute that beginning once a batch
 
@@ -179,7 +182,7 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
     learning_rate = schedules.build(*schedule)
     optimizer = engine.make_optimizer(model, learning_rate(1), opts.optimizer, _weight_decay(opts))
     loop = {"step": 0, "window": [0.0, 0, 0, 0.0], "val_loss": None, "start_val": None, "last_loss": None,
-            "bad": 0, "uniform": 0}
+            "bad": 0, "uniform": 0, "best": None, "stale": 0, "done": False}
     if resume is not None:
         arrays, saved = resume
         engine.load_training_state(model, optimizer, arrays)
@@ -205,6 +208,19 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
                           opts.keep_checkpoints)
         saved_step = step
 
+    def judge(step):
+        """After a validation: keep the best adapter, count validations without improvement, stop early."""
+        if loop["best"] is not None and loop["val_loss"] >= loop["best"][1]:
+            loop["stale"] += 1
+            if opts.early_stop is not None and loop["stale"] >= opts.early_stop:
+                loop["done"] = True
+            return
+        loop["best"], loop["stale"] = [step, loop["val_loss"]], 0
+        if opts.keep_best and step > 0:
+            with atomic.atomic_dir(run_dir / BEST) as tmp:
+                adapters.save(tmp, model.spec, engine.adapter_tensors(model),
+                              extra_config={"tunelab": {"step": step, "val_loss": loop["val_loss"]}})
+
     def refuse(step, what):
         kept = f"{run_dir} keeps the checkpoint of step {saved_step}" if saved_step else "no adapter was saved"
         raise UserError(f"step {step}: the {what}; training stopped without saving this state ({kept}); "
@@ -228,6 +244,7 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
     with _StopRequest() as stop, contextlib.closing(metrics):
         if resume is None:
             loop["val_loss"] = loop["start_val"] = validate(0)
+            judge(0)
         rows_seen = opts.iters * opts.batch_size * micro_batches
         if model.prefix is not None and rows_seen >= len(train_set):
             # Every row comes back: run the frozen blocks over all of them first, FILL_TOKENS positions a
@@ -239,7 +256,7 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
         window_start, tokens_per_s = time.perf_counter(), 0.0
         with tqdm(total=opts.iters, initial=loop["step"], desc="Training", unit="it", dynamic_ncols=True,
                   disable=None, bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining} {postfix}") as bar:
-            while loop["step"] < opts.iters and stop.signum is None:
+            while loop["step"] < opts.iters and not loop["done"] and stop.signum is None:
                 step = loop["step"] + 1
                 micro = [next(batches) for _ in range(micro_batches)]
                 result = engine.train_step(model, optimizer, micro if len(micro) > 1 else micro[0],
@@ -265,20 +282,27 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
                     why = _collapse(loop["val_loss"], loop["start_val"], vocab_size, loop)
                     if why:
                         refuse(step, f"validation loss {loop['val_loss']:.3f} {why}")
-                if step % opts.save_every == 0 or step == opts.iters:
+                    judge(step)
+                if step % opts.save_every == 0 or step == opts.iters or loop["done"]:
                     checkpoint(step)
                 window_start += time.perf_counter() - paused
                 bar.set_postfix_str(_progress_text(step, loop["last_loss"], loop["val_loss"], tokens_per_s,
                                                    engine.peak_memory()), refresh=False)
                 bar.update(1)
-        if loop["step"] < opts.iters:   # stopped by a signal
+        if loop["step"] < opts.iters and not loop["done"]:   # stopped by a signal
             if loop["step"] > saved_step:
                 checkpoint(loop["step"])
             where = (f"the checkpoint of step {saved_step} is in {run_dir}; resume with: {_resume_command(opts)}"
                      if saved_step else "no step was finished, so there is nothing to resume")
             raise Stopped(f"stopped by {signal.Signals(stop.signum).name} at step {loop['step']} of {opts.iters}: "
                           f"{where}", 128 + stop.signum)
+    if loop["done"]:
+        log(f"Early stop at step {loop['step']}: no lower validation loss in {loop['stale']} validations (best "
+            f"{loop['best'][1]:.3f} at step {loop['best'][0]})")
     log(f"Saved adapter to {run_dir}")
+    if opts.keep_best and loop["best"] is not None and loop["best"][0] > 0:
+        log(f"Best validation loss {loop['best'][1]:.3f} at step {loop['best'][0]}: its adapter is in "
+            f"{run_dir / BEST}")
     return loop["last_loss"], loop["val_loss"]
 
 

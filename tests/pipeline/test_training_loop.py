@@ -75,3 +75,53 @@ def test_bad_loop_options_are_named_before_any_work(tiny_llama, data, tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def loop_options(model, data, run, **changes):
+    return replace(LoraOptions(), **{**dict(model=str(model), data=str(data), train=True, batch_size=2, num_layers=1,
+                                          mask_prompt=True, steps_per_report=2, steps_per_eval=2, val_batches=-1,
+                                          adapter_path=str(run), dtype="float32", engine="torch"), **changes})
+
+
+def test_keep_best_keeps_the_adapter_of_the_lowest_validation_loss(tiny_llama, data, tmp_path):
+    run = tmp_path / "run"
+    lines = []
+    train.lora(loop_options(tiny_llama, data, run, iters=16, learning_rate=3e-2, keep_best=True), log=lines.append)
+    validations = [(m["step"], m["val_loss"]) for m in metrics(run) if "val_loss" in m and m["step"] > 0]
+    step, loss = min(validations, key=lambda v: (v[1], v[0]))
+    config = json.loads((run / "best" / "adapter_config.json").read_text())
+    assert (config["tunelab"]["step"], config["tunelab"]["val_loss"]) == (step, loss)
+    assert any(f"Best validation loss {loss:.3f} at step {step}" in line for line in lines)
+    # the kept adapter really is that one: its loss on the validation rows is the logged one
+    check = tmp_path / "check"
+    check.mkdir()
+    (check / "test.jsonl").write_bytes((data / "valid.jsonl").read_bytes())
+    seen = []
+    result = train.lora(loop_options(tiny_llama, check, run / "best", train=False, test=True, test_batches=-1),
+                        log=seen.append)
+    assert result["test_loss"] == pytest.approx(loss, rel=1e-6)
+    assert any(f"(step {step}, validation loss {loss:.3f})" in line for line in seen)
+
+
+def test_early_stop_ends_the_run_after_validations_without_improvement(tiny_llama, data, tmp_path):
+    run = tmp_path / "run"
+    lines = []
+    train.lora(loop_options(tiny_llama, data, run, iters=40, learning_rate=5e-2, early_stop=1, keep_best=True),
+               log=lines.append)
+    validations = [(m["step"], m["val_loss"]) for m in metrics(run) if "val_loss" in m]
+    best, stale, expected = validations[0][1], 0, None
+    for step, loss in validations[1:]:
+        stale = stale + 1 if loss >= best else 0
+        best = min(best, loss)
+        if stale == 1:
+            expected = step
+            break
+    assert expected is not None and expected < 40, [round(v, 3) for _, v in validations]
+    assert validations[-1][0] == expected
+    state = json.loads((run / "checkpoints" / f"step-{expected:07d}" / "trainer_state.json").read_text())
+    assert state["loop"]["done"] is True
+    before = (run / "adapter_model.safetensors").read_bytes()
+    train.lora(replace(loop_options(tiny_llama, data, run, iters=40, learning_rate=5e-2, early_stop=1,
+                                    keep_best=True), resume=True), log=quiet)   # nothing left to do
+    assert any(f"Early stop at step {expected}: no lower validation loss in 1 validations" in line for line in lines)
+    assert (run / "adapter_model.safetensors").read_bytes() == before

@@ -50,6 +50,8 @@ def load(model_ref, adapter_path=None, device="auto", dtype="auto", log=print, e
     """
     adapter = adapters.load(adapter_path) if adapter_path else None
     module = get(engine, log=log)
+    if adapter is not None:
+        log(f"Adapter: {adapter_path}{adapters.provenance(adapter_path)}")
     if adapter is not None and adapter[0].quantization and not quantize:
         if module.name == "mlx":
             quantize = adapter[0].quantization   # the base as the adapter was trained on it
