@@ -80,8 +80,9 @@ class LoraOptions:
     test: bool = opt(False, "Report loss and perplexity on test.jsonl.")
     fine_tune_type: str = opt("lora", "Type of fine-tuning: lora, or dora (LoRA plus a trained magnitude for each "
                               "output row of an adapted weight).", choices=["lora", "dora"])
-    mask_prompt: bool = opt(False, "Train only on the answers: every assistant turn of chat rows (see --train-on), "
-                            "the completion of completions rows.")
+    mask_prompt: bool = opt(None, "Train only on the answers: every assistant turn of chat rows (see --train-on), "
+                            "the completion of completions rows. --test alone measures the loss as the adapter was "
+                            "trained, unless --mask-prompt or --no-mask-prompt says otherwise.", kind=bool)
     num_layers: int = opt(16, "Number of final layers to train (-1: all).")
     batch_size: int = opt(4, "Rows per step (per micro-batch with --grad-accumulation-steps).")
     grad_accumulation_steps: int = opt(1, "Micro-batches whose gradients make one optimizer step: the step "
@@ -274,9 +275,9 @@ def add_arguments(parser, options_cls):
         help_text = meta["help"] if f.default is None or "(default" in meta["help"] \
             else f"{meta['help']} (default: {f.default!r})"
         help_text = help_text.replace("%", "%%")
-        if meta["kind"] is bool:
-            parser.add_argument(*flags, dest=f.name, action="store_true",
-                                default=argparse.SUPPRESS, help=meta["help"])
+        if meta["kind"] is bool:   # a default of None: --x and --no-x, and "not given" stays None
+            action = "store_true" if f.default is not None else argparse.BooleanOptionalAction
+            parser.add_argument(*flags, dest=f.name, action=action, default=argparse.SUPPRESS, help=meta["help"])
         elif meta["kind"] is list_of_str:  # `--x a,b` and `--x a --x b` both give [a, b]
             parser.add_argument(*flags, dest=f.name, type=meta["kind"], action="extend",
                                 metavar=meta["metavar"], default=argparse.SUPPRESS, help=help_text)

@@ -85,6 +85,15 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
+def read_manifest(run_dir):
+    """A run folder's tunelab_run.json ({} when it has none or it is unreadable)."""
+    try:
+        manifest = json.loads((Path(run_dir) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
 def read_data_manifest(data_dir):
     """The data folder's record of its source ({} when it has none or it is unreadable)."""
     path = Path(data_dir) / DATA_MANIFEST

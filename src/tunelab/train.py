@@ -349,7 +349,7 @@ def _train(engine, model, model_dir, opts, resume_from, log):
         log(f"--epochs {opts.epochs}: {opts.iters} steps of {per_epoch} an epoch")
     config = models.read_config(model_dir)
     spec = adapters.spec_for(opts.num_layers, config["num_hidden_layers"], opts.lora_rank, opts.lora_scale,
-                             opts.lora_dropout, opts.lora_keys, base_model=opts.model,
+                             opts.lora_dropout, opts.lora_keys, base_model=_loadable_base(opts.model, model_dir),
                              dora=opts.fine_tune_type == "dora")
     spec.quantization = getattr(model, "quantized", None)
     engine.attach_lora(model, spec, seed=opts.seed)
@@ -382,6 +382,26 @@ def _train(engine, model, model_dir, opts, resume_from, log):
         log(f"Saving: {line}")
     train_loop(engine, model, train_set, valid_set, opts, run_dir, log=log, resume=resume,
                vocab_size=config.get("vocab_size"), record={"data": _hashes(data_files)})
+
+
+def _mask_prompt(opts, log):
+    """--mask-prompt as given; when not given, for --test alone the adapter's own training setting (from its
+    run manifest), else off (mlx-lm's default)."""
+    if opts.mask_prompt is not None:
+        return opts.mask_prompt
+    if opts.train or not opts.adapter_path:
+        return False
+    trained = runs.read_manifest(opts.adapter_path).get("options", {}).get("mask_prompt")
+    if trained:
+        log("Test loss over the answers only, as the adapter was trained (--mask-prompt); --no-mask-prompt "
+            "measures every token")
+    return bool(trained)
+
+
+def _loadable_base(reference, model_dir):
+    """The base model as PEFT's AutoPeftModelForCausalLM can load it: a repo id or a folder as given, else
+    (the embedded model, a .gguf file) the Hugging Face folder it was imported into."""
+    return str(Path(model_dir).resolve()) if models.gguf_file_of(reference) else reference
 
 
 def _data_files(opts):
@@ -417,6 +437,7 @@ def _start_weights(path):
 def lora(opts, log=print):
     """The `tunelab lora` stage. Returns {'test_loss', 'test_ppl'} when --test is given."""
     check_options(opts)
+    opts = dataclasses.replace(opts, mask_prompt=_mask_prompt(opts, log))
     created = not Path(opts.adapter_path).exists()
     lock, resume_from = open_run(opts, log) if opts.train else (None, None)
     try:

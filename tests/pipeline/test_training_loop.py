@@ -125,3 +125,26 @@ def test_early_stop_ends_the_run_after_validations_without_improvement(tiny_llam
                                     keep_best=True), resume=True), log=quiet)   # nothing left to do
     assert any(f"Early stop at step {expected}: no lower validation loss in 1 validations" in line for line in lines)
     assert (run / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_test_alone_measures_the_loss_as_the_adapter_was_trained_and_says_so(tiny_llama, data, tmp_path):
+    run = tmp_path / "run"
+    train.lora(loop_options(tiny_llama, data, run, iters=4, learning_rate=1e-2), log=quiet)   # --mask-prompt
+    test = dict(train=False, test=True, test_batches=-1)
+    lines = []
+    default = train.lora(loop_options(tiny_llama, data, run, mask_prompt=None, **test), log=lines.append)
+    assert any("answers only, as the adapter was trained" in line for line in lines)
+    masked = train.lora(loop_options(tiny_llama, data, run, mask_prompt=True, **test), log=quiet)
+    every = train.lora(loop_options(tiny_llama, data, run, mask_prompt=False, **test), log=quiet)
+    assert default == masked and every["test_loss"] != masked["test_loss"]
+    assert main(["lora", "--test", "--model", str(tiny_llama), "--data", str(data), "--adapter-path", str(run),
+                 "--no-mask-prompt"]) == 0
+
+
+def test_the_adapter_names_a_base_model_peft_can_load(tmp_path):
+    model_dir = tmp_path / "imported"
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert train._loadable_base(str(gguf), model_dir) == str(model_dir.resolve())
+    assert train._loadable_base("HuggingFaceTB/SmolLM2-135M-Instruct", model_dir) == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
