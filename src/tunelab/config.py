@@ -36,6 +36,19 @@ def list_of_str(text):
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def mapping(text):
+    """A mapping: YAML in a config file; JSON text on the command line."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def schedule(text):
     """A learning-rate schedule: a shorthand name on the command line; in a config file also mlx-lm's
     mapping (name, arguments, warmup, warmup_init)."""
@@ -79,7 +92,8 @@ class LoraOptions:
     train: bool = opt(False, "Train an adapter.")
     test: bool = opt(False, "Report loss and perplexity on test.jsonl.")
     fine_tune_type: str = opt("lora", "Type of fine-tuning: lora, or dora (LoRA plus a trained magnitude for each "
-                              "output row of an adapted weight).", choices=["lora", "dora"])
+                              "output row of an adapted weight); mlx-lm's full is not built yet.",
+                              choices=["lora", "dora", "full"])
     mask_prompt: bool = opt(None, "Train only on the answers: every assistant turn of chat rows (see --train-on), "
                             "the completion of completions rows. --test alone measures the loss as the adapter was "
                             "trained, unless --mask-prompt or --no-mask-prompt says otherwise.", kind=bool)
@@ -105,6 +119,17 @@ class LoraOptions:
     min_lr: float = opt(0.0, "Learning rate a cosine or linear schedule ends at.")
     max_grad_norm: float = opt(None, "Clip the gradients' global norm to this (default: no clipping, as mlx-lm); "
                                "the norm before clipping is logged.", kind=float)
+    optimizer_config: dict = opt(None, "mlx-lm's per-optimizer settings, e.g. {adamw: {betas: [0.9, 0.98], eps: "
+                                 "1e-6, weight_decay: 0.05}} (adam and adamw: betas, eps, weight_decay, "
+                                 "bias_correction true).", kind=mapping, metavar="JSON")
+    grad_checkpoint: bool = opt(False, "Gradient checkpointing (mlx-lm's flag): not built yet, an error when set.")
+    clear_cache_threshold: int = opt(0, "mlx-lm's memory-cache threshold: only 0 (not built yet).")
+    report_to: str = opt(None, "mlx-lm's experiment trackers (wandb, swanlab): not built yet, an error when set; "
+                         "metrics.jsonl has every number.")
+    project_name: str = opt(None, "Project name for --report-to.")
+    trust_remote_code: bool = opt(False, "mlx-lm's flag: tunelab never runs a model's own code, so only false.")
+    hf_dataset: dict = opt(None, "mlx-lm's Hugging Face dataset mapping: not read by lora; make a data folder with "
+                           "`tunelab prepare --source ID` instead.", kind=mapping, metavar="JSON")
     steps_per_report: int = opt(10, "Steps between training-loss reports.")
     steps_per_eval: int = opt(200, "Steps between validation-loss evaluations.")
     save_every: int = opt(100, "Save the adapter every N steps.")
@@ -309,11 +334,13 @@ def _coerce(name, value, f, where):
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     elif kind is schedule:
         ok = isinstance(value, (str, dict))
+    elif kind is mapping:
+        ok = isinstance(value, dict)
     else:
         ok = isinstance(value, str)
     if not ok:
         expected = getattr(kind, "__name__", "value").replace("list_of_str", "list of strings").replace(
-            "schedule", "a schedule name or mapping")
+            "schedule", "a schedule name or mapping").replace("mapping", "a mapping")
         expected = "finite float" if kind is float and isinstance(value, float) else expected
         return None, f"{where}: {name}: expected {expected}, got {value!r}"
     choices = f.metadata["choices"]

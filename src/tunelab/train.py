@@ -48,16 +48,23 @@ def check_options(opts):
         problems.append(f"--early-stop: must be at least 1 validation, got {opts.early_stop}")
     if opts.epochs is not None and opts.epochs < 1:
         problems.append(f"--epochs: must be at least 1, got {opts.epochs}")
-    if opts.weight_decay is not None and opts.optimizer == "adam":
-        problems.append("--weight-decay: Adam takes none here; pass --optimizer adamw for decoupled weight decay")
-    if opts.weight_decay is not None and opts.weight_decay < 0:
-        problems.append(f"--weight-decay: must be 0 or more, got {opts.weight_decay}")
+    for check in (_schedule, _optimizer):
+        try:
+            check(opts)
+        except UserError as e:
+            problems += e.problems
+    not_built = {"grad_checkpoint": "gradient checkpointing is not built yet",
+                 "report_to": "experiment trackers are not built yet: metrics.jsonl has every number",
+                 "hf_dataset": "lora reads data folders: make one with `tunelab prepare --source ID` and pass it "
+                               "as --data",
+                 "trust_remote_code": "tunelab never runs a model's own code"}
+    problems += [f"--{name.replace('_', '-')}: {why}" for name, why in not_built.items() if getattr(opts, name)]
+    if opts.fine_tune_type == "full":
+        problems.append("--fine-tune-type full: full fine-tuning is not built yet (lora and dora are)")
+    if opts.clear_cache_threshold:
+        problems.append("--clear-cache-threshold: only 0 (the memory cache is not managed by tunelab yet)")
     if opts.max_grad_norm is not None and opts.max_grad_norm <= 0:
         problems.append(f"--max-grad-norm: must be positive, got {opts.max_grad_norm}")
-    try:
-        _schedule(opts)
-    except UserError as e:
-        problems += e.problems
     if opts.learning_rate <= 0:
         problems.append(f"--learning-rate: must be positive, got {opts.learning_rate}")
     if not 0 <= opts.lora_dropout < 1:
@@ -163,8 +170,34 @@ def _schedule(opts):
                                   opts.min_lr)
 
 
-def _weight_decay(opts):
-    return (0.01 if opts.weight_decay is None else opts.weight_decay) if opts.optimizer == "adamw" else 0.0
+def _optimizer(opts):
+    """(name, {weight_decay, betas, eps}) from --optimizer, --weight-decay and mlx-lm's optimizer_config; every
+    setting tunelab cannot honour is an error naming it."""
+    settings = dict((opts.optimizer_config or {}).get(opts.optimizer) or {})
+    where = f"optimizer_config.{opts.optimizer}"
+    problems = []
+    unknown = sorted(set(settings) - {"betas", "eps", "weight_decay", "bias_correction"})
+    if unknown:
+        problems.append(f"{where}: {', '.join(unknown)}: not available (adam and adamw take betas, eps, "
+                        "weight_decay (adamw), bias_correction)")
+    if settings.pop("bias_correction", True) is not True:
+        problems.append(f"{where}.bias_correction: tunelab's Adam always corrects the bias (as PyTorch's does), "
+                        "so only true")
+    betas = settings.get("betas", [0.9, 0.999])
+    if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
+                                                                for b in betas)):
+        problems.append(f"{where}.betas: expected two numbers in [0, 1), got {betas!r}")
+    eps = settings.get("eps", 1e-8)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+        problems.append(f"{where}.eps: expected a positive number, got {eps!r}")
+    decay = opts.weight_decay if opts.weight_decay is not None else settings.get("weight_decay")
+    if opts.optimizer == "adam" and decay:
+        problems.append("--weight-decay: Adam takes none here; pass --optimizer adamw for decoupled weight decay")
+    elif decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0):
+        problems.append(f"--weight-decay: must be 0 or more, got {decay!r}")
+    UserError.raise_if(problems)
+    decay = (0.01 if decay is None else float(decay)) if opts.optimizer == "adamw" else 0.0
+    return opts.optimizer, {"weight_decay": decay, "betas": tuple(float(b) for b in betas), "eps": float(eps)}
 
 
 def _resume_command(opts):
@@ -180,7 +213,8 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
     unreported part of the loss window all come back."""
     schedule = _schedule(opts)
     learning_rate = schedules.build(*schedule)
-    optimizer = engine.make_optimizer(model, learning_rate(1), opts.optimizer, _weight_decay(opts))
+    name, settings = _optimizer(opts)
+    optimizer = engine.make_optimizer(model, learning_rate(1), name, **settings)
     loop = {"step": 0, "window": [0.0, 0, 0, 0.0], "val_loss": None, "start_val": None, "last_loss": None,
             "bad": 0, "uniform": 0, "best": None, "stale": 0, "done": False}
     if resume is not None:
@@ -374,7 +408,8 @@ def _train(engine, model, model_dir, opts, resume_from, log):
         f"{spec.num_layers} blocks; {len(train_set)} rows, {tokens} tokens, "
         f"{100 * supervised / tokens:.0f}% supervised")
     clip = f", gradients clipped to norm {opts.max_grad_norm:g}" if opts.max_grad_norm is not None else ""
-    decay = f" (weight decay {_weight_decay(opts):g})" if opts.optimizer == "adamw" else ""
+    settings = _optimizer(opts)[1]
+    decay = f" (weight decay {settings['weight_decay']:g})" if opts.optimizer == "adamw" else ""
     log(f"Optimizer: {opts.optimizer}{decay}; learning rate: {schedules.describe(*_schedule(opts))}{clip}")
     for line in engine.savings(model, len(train_set) + len(valid_set),
                                tokens + sum(len(ex.tokens) for ex in valid_set),

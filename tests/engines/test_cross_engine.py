@@ -64,7 +64,11 @@ def test_adamw_clipping_and_a_schedule_are_the_same_on_both_engines(tiny_model):
     t, m = pair(tiny_model, spec)
     batch = batch_for(t)
     rate = schedules.build(*schedules.from_options("cosine", 1e-2, 4, warmup=1, warmup_init=1e-3))
-    ours, theirs = torch_engine.make_optimizer(t, rate(1), "adamw", 0.1), mlx.make_optimizer(m, rate(1), "adamw", 0.1)
+    settings = {"weight_decay": 0.1, "betas": (0.8, 0.95), "eps": 1e-6}
+    ours = torch_engine.make_optimizer(t, rate(1), "adamw", **settings)
+    theirs = mlx.make_optimizer(m, rate(1), "adamw", **settings)
+    assert ours.param_groups[0]["betas"] == (0.8, 0.95) and list(theirs.betas) == [0.8, 0.95]
+    assert ours.param_groups[0]["eps"] == theirs.eps == 1e-6
     for step in range(1, 5):
         step_t = torch_engine.train_step(t, ours, batch, rate(step), max_grad_norm=0.05)
         step_m = mlx.train_step(m, theirs, batch, rate(step), max_grad_norm=0.05)

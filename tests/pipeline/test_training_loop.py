@@ -148,3 +148,79 @@ def test_the_adapter_names_a_base_model_peft_can_load(tmp_path):
     assert train._loadable_base(str(gguf), model_dir) == str(model_dir.resolve())
     assert train._loadable_base("HuggingFaceTB/SmolLM2-135M-Instruct", model_dir) == \
         "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+MLX_LM_EXAMPLE = """\
+model: {model}
+train: true
+fine_tune_type: lora
+optimizer: adamw
+data: {data}
+seed: 0
+num_layers: 16
+batch_size: 4
+iters: 12
+val_batches: 25
+learning_rate: 1e-5
+steps_per_report: 10
+steps_per_eval: 200
+grad_accumulation_steps: 1
+resume_adapter_file: null
+adapter_path: {run}
+save_every: 100
+test: false
+test_batches: 100
+max_seq_length: 2048
+grad_checkpoint: false
+lora_parameters:
+  keys: ["self_attn.q_proj", "self_attn.v_proj"]
+  rank: 8
+  scale: 20.0
+  dropout: 0.0
+lr_schedule:
+  name: cosine_decay
+  warmup: 4
+  warmup_init: 1e-7
+  arguments: [1e-5, 12, 1e-7]
+"""
+
+
+def test_mlx_lm_example_config_runs_as_it_is(tiny_llama, data, tmp_path):
+    """The keys and values of mlx-lm's examples/lora_config.yaml, its schedule turned on, its paths and length
+    made to fit a tiny model."""
+    config = tmp_path / "lora_config.yaml"
+    config.write_text(MLX_LM_EXAMPLE.format(model=tiny_llama, data=data, run=tmp_path / "run"))
+    assert main(["lora", "-c", str(config), "--dtype", "float32"]) == 0
+    adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert adapter["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert adapter["layers_to_transform"] == [0, 1]   # num_layers 16 on a 2-block model: both
+
+
+@pytest.mark.parametrize("line, message", [
+    ("grad_checkpoint: true", "--grad-checkpoint: gradient checkpointing is not built yet"),
+    ("report_to: wandb", "--report-to: experiment trackers are not built yet"),
+    ("trust_remote_code: true", "--trust-remote-code: tunelab never runs a model's own code"),
+    ("hf_dataset: {path: billsum}", "--hf-dataset: lora reads data folders"),
+    ("clear_cache_threshold: 2", "--clear-cache-threshold: only 0"),
+    ("fine_tune_type: full", "--fine-tune-type full: full fine-tuning is not built yet"),
+    ("optimizer: sgd", "optimizer: 'sgd' is not one of adam, adamw"),
+    ("optimizer_config: {adam: {bias_correction: false}}", "bias_correction: tunelab's Adam always corrects"),
+    ("optimizer_config: {adam: {momentum: 0.9}}", "optimizer_config.adam: momentum: not available"),
+    ("optimizer_config: {adamw: {betas: [0.9]}}\noptimizer: adamw", "optimizer_config.adamw.betas: expected two"),
+    ("optimizer_config: {adam: {weight_decay: 0.1}}", "--weight-decay: Adam takes none here"),
+])
+def test_mlx_lm_keys_tunelab_cannot_honour_are_named(tiny_llama, data, tmp_path, capsys, line, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {tiny_llama}\ndata: {data}\ntrain: true\nadapter_path: {tmp_path / 'run'}\n{line}\n")
+    code = main(["lora", "-c", str(config)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+
+
+def test_optimizer_config_sets_betas_and_eps(tiny_llama, data, tmp_path):
+    from tunelab.config import LoraOptions
+
+    opts = replace(LoraOptions(), optimizer="adamw",
+                   optimizer_config={"adamw": {"betas": [0.8, 0.95], "eps": 1e-6, "weight_decay": 0.05}})
+    assert train._optimizer(opts) == ("adamw", {"weight_decay": 0.05, "betas": (0.8, 0.95), "eps": 1e-6})
+    assert train._optimizer(replace(opts, weight_decay=0.2))[1]["weight_decay"] == 0.2   # the flag wins

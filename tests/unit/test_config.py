@@ -15,7 +15,8 @@ def parse(argv):
 def test_defaults_follow_mlx_lm():
     opts = parse([])
     assert (opts.batch_size, opts.iters, opts.learning_rate, opts.num_layers) == (4, 1000, 1e-5, 16)
-    assert (opts.lora_rank, opts.lora_scale, opts.mask_prompt, opts.train) == (8, 20.0, False, False)
+    assert (opts.lora_rank, opts.lora_scale, opts.train) == (8, 20.0, False)
+    assert opts.mask_prompt is None   # not given: off for training, as the adapter was trained for --test alone
 
 
 def test_config_file_then_command_line(tmp_path):

@@ -14,7 +14,7 @@ An engine is a module with these functions (`Model` is the engine's own handle):
   fill_prefix(model, batches)                         when model.prefix (the frozen-prefix cache) is not
                                                       None: compute the cached rows of these batches now,
                                                       many rows at a time, until the cache is full
-  make_optimizer(model, learning_rate, name, weight_decay) -> Optimizer   Adam or AdamW
+  make_optimizer(model, learning_rate, name, weight_decay, betas, eps) -> Optimizer   Adam or AdamW
   training_state(model, optimizer) -> {name: array}   optimizer state and random generator states, for a
                                                       checkpoint (with the adapter, all a resumed run needs)
   load_training_state(model, optimizer, arrays)       put them back

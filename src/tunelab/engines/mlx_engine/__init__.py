@@ -274,12 +274,13 @@ def savings(m, rows, tokens, common=0):
     return lines
 
 
-def make_optimizer(m, learning_rate, name="adam", weight_decay=0.0):
+def make_optimizer(m, learning_rate, name="adam", weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
     """Adam, or AdamW with decoupled `weight_decay`; bias_correction: the same update as torch.optim.Adam and
     AdamW (MLX's default leaves it out)."""
+    common = dict(learning_rate=learning_rate, betas=list(betas), eps=eps, bias_correction=True)
     if name == "adamw":
-        return optim.AdamW(learning_rate=learning_rate, weight_decay=weight_decay, bias_correction=True)
-    return optim.Adam(learning_rate=learning_rate, bias_correction=True)
+        return optim.AdamW(weight_decay=weight_decay, **common)
+    return optim.Adam(**common)
 
 
 def training_state(m, optimizer):

@@ -295,10 +295,11 @@ def adapter_tensors(m):
             for module, layer in _lora_modules(m).items()}
 
 
-def make_optimizer(m, learning_rate, name="adam", weight_decay=0.0):
+def make_optimizer(m, learning_rate, name="adam", weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
     """torch.optim.Adam, or AdamW with decoupled `weight_decay`, over the trained tensors."""
     params = [p for p in m.model.parameters() if p.requires_grad]
     kind, extra = (torch.optim.AdamW, {"weight_decay": weight_decay}) if name == "adamw" else (torch.optim.Adam, {})
+    extra.update(betas=tuple(betas), eps=eps)
     try:   # one kernel per tensor instead of a dozen small ops (CPUs and GPUs)
         return kind(params, lr=learning_rate, fused=True, **extra)
     except RuntimeError:
