@@ -56,12 +56,12 @@ def make_tokenizer(folder):
     return fast
 
 
-def make_model(folder, arch):
+def make_model(folder, arch, layers=2):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     tokenizer = make_tokenizer(folder)
-    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0, rope_theta=10000.0,
                   initializer_range=0.3)  # wide enough that logits can become confident

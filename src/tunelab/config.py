@@ -135,6 +135,11 @@ class LoraOptions:
     save_every: int = opt(100, "Save the adapter every N steps.")
     keep_best: bool = opt(False, "Also keep the adapter of the lowest validation loss so far in "
                           "<adapter-path>/best (its step and loss in its adapter_config.json).")
+    best_metric: str = opt("val_loss", "What --keep-best and --early-stop judge by: val_loss (lower is better), or a "
+                           "task metric of answers generated for valid.jsonl at each validation (sql-exec, "
+                           "sql-canonical, exact, normalized: higher is better).",
+                           choices=["val_loss", "sql-exec", "sql-canonical", "exact", "normalized"])
+    best_max_tokens: int = opt(128, "Token budget of each answer generated for --best-metric.")
     early_stop: int = opt(None, "Stop after this many validations in a row without a lower validation loss "
                           "than the best so far (the run's last adapter is saved; with --keep-best, best/ "
                           "holds the best one).", kind=int)

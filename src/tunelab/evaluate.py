@@ -130,7 +130,7 @@ def candidates(opts):
 
 # ---- answers -------------------------------------------------------------------------------
 
-def _generate_all(engine, model, rows, opts, label):
+def generate_answers(engine, model, rows, opts, label):
     """Answers in row order; prompts of similar length are generated together."""
     tokenizer = model.tokenizer
     stop_ids = end_of_turn_ids(tokenizer)
@@ -167,7 +167,7 @@ def from_model(candidate, raw_rows, fmt, rows, metric_names, opts, log):
     started = time.perf_counter()
     answers, generated = [None] * len(rows), 0
     if any(m != metrics.LOSS for m in metric_names):
-        answers, generated = _generate_all(engine, model, rows, opts, candidate.label)
+        answers, generated = generate_answers(engine, model, rows, opts, candidate.label)
     losses = _answer_losses(engine, model, raw_rows, fmt, opts) if metrics.LOSS in metric_names else None
     return Outcome(answers, losses, time.perf_counter() - started, generated)
 

@@ -44,6 +44,9 @@ def check_options(opts):
         problems.append("--resume and --resume-adapter-file need --train")
     if opts.train and not opts.adapter_path:
         problems.append("--adapter-path: a folder is needed to train into")
+    if opts.best_metric != "val_loss" and not (opts.keep_best or opts.early_stop):
+        problems.append(f"--best-metric {opts.best_metric}: says what --keep-best and --early-stop judge by; "
+                        "pass one of them")
     if opts.early_stop is not None and opts.early_stop < 1:
         problems.append(f"--early-stop: must be at least 1 validation, got {opts.early_stop}")
     if opts.epochs is not None and opts.epochs < 1:
@@ -200,6 +203,17 @@ def _optimizer(opts):
     return opts.optimizer, {"weight_decay": decay, "betas": tuple(float(b) for b in betas), "eps": float(eps)}
 
 
+def _task_score(engine, model, rows, opts):
+    """The share of `rows` whose greedy answer the --best-metric counts correct."""
+    from tunelab.config import EvalOptions
+
+    settings = EvalOptions(max_tokens=opts.best_max_tokens, seed=opts.seed)
+    answers, _ = evaluate.generate_answers(engine, model, rows, settings, "valid")
+    outcome = evaluate.Outcome(answers)
+    evaluate.score(outcome, rows, [opts.best_metric], opts.seed)
+    return sum(v[opts.best_metric].correct for v in outcome.verdicts) / len(rows)
+
+
 def _resume_command(opts):
     return f"tunelab lora --train --resume --adapter-path {opts.adapter_path} (with this run's other options)"
 
@@ -215,6 +229,7 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
     learning_rate = schedules.build(*schedule)
     name, settings = _optimizer(opts)
     optimizer = engine.make_optimizer(model, learning_rate(1), name, **settings)
+    task_rows = None if opts.best_metric == "val_loss" else evaluate.load_rows(Path(opts.data) / "valid.jsonl")[2]
     loop = {"step": 0, "window": [0.0, 0, 0, 0.0], "val_loss": None, "start_val": None, "last_loss": None,
             "bad": 0, "uniform": 0, "best": None, "stale": 0, "done": False}
     if resume is not None:
@@ -244,16 +259,24 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
 
     def judge(step):
         """After a validation: keep the best adapter, count validations without improvement, stop early."""
-        if loop["best"] is not None and loop["val_loss"] >= loop["best"][1]:
+        value = loop["val_loss"]
+        if task_rows is not None:   # a task metric of generated answers: higher is better, so judged negated
+            score = _task_score(engine, model, task_rows, opts)
+            metrics.write(step=step, **{f"val_{opts.best_metric}": score})
+            tqdm.write(f"Iter {step}: Val {opts.best_metric} {score:.3f}")
+            value = -score
+        if loop["best"] is not None and value >= loop["best"][1]:
             loop["stale"] += 1
             if opts.early_stop is not None and loop["stale"] >= opts.early_stop:
                 loop["done"] = True
             return
-        loop["best"], loop["stale"] = [step, loop["val_loss"]], 0
+        loop["best"], loop["stale"] = [step, value], 0
         if opts.keep_best and step > 0:
+            record = {"step": step, "val_loss": loop["val_loss"]}
+            if task_rows is not None:
+                record[opts.best_metric] = -value
             with atomic.atomic_dir(run_dir / BEST) as tmp:
-                adapters.save(tmp, model.spec, engine.adapter_tensors(model),
-                              extra_config={"tunelab": {"step": step, "val_loss": loop["val_loss"]}})
+                adapters.save(tmp, model.spec, engine.adapter_tensors(model), extra_config={"tunelab": record})
 
     def refuse(step, what):
         kept = f"{run_dir} keeps the checkpoint of step {saved_step}" if saved_step else "no adapter was saved"
@@ -330,13 +353,15 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
                      if saved_step else "no step was finished, so there is nothing to resume")
             raise Stopped(f"stopped by {signal.Signals(stop.signum).name} at step {loop['step']} of {opts.iters}: "
                           f"{where}", 128 + stop.signum)
-    if loop["done"]:
-        log(f"Early stop at step {loop['step']}: no lower validation loss in {loop['stale']} validations (best "
-            f"{loop['best'][1]:.3f} at step {loop['best'][0]})")
+    if loop["best"] is not None:
+        judged = "validation loss" if task_rows is None else f"validation {opts.best_metric}"
+        best = f"{judged} {abs(loop['best'][1]):.3f} at step {loop['best'][0]}"
+        if loop["done"]:
+            log(f"Early stop at step {loop['step']}: no better {judged} in {loop['stale']} validations (best "
+                f"{best.removeprefix(judged + ' ')})")
     log(f"Saved adapter to {run_dir}")
     if opts.keep_best and loop["best"] is not None and loop["best"][0] > 0:
-        log(f"Best validation loss {loop['best'][1]:.3f} at step {loop['best'][0]}: its adapter is in "
-            f"{run_dir / BEST}")
+        log(f"Best {best}: its adapter is in {run_dir / BEST}")
     return loop["last_loss"], loop["val_loss"]
 
 
@@ -382,6 +407,9 @@ def _train(engine, model, model_dir, opts, resume_from, log):
         opts = dataclasses.replace(opts, iters=opts.epochs * per_epoch)
         log(f"--epochs {opts.epochs}: {opts.iters} steps of {per_epoch} an epoch")
     config = models.read_config(model_dir)
+    if opts.num_layers > config["num_hidden_layers"]:
+        raise UserError(f"--num-layers {opts.num_layers}: the model has {config['num_hidden_layers']} blocks; pass "
+                        f"{config['num_hidden_layers']} or -1 to train them all")
     spec = adapters.spec_for(opts.num_layers, config["num_hidden_layers"], opts.lora_rank, opts.lora_scale,
                              opts.lora_dropout, opts.lora_keys, base_model=_loadable_base(opts.model, model_dir),
                              dora=opts.fine_tune_type == "dora")

@@ -185,15 +185,24 @@ lr_schedule:
 """
 
 
-def test_mlx_lm_example_config_runs_as_it_is(tiny_llama, data, tmp_path):
+def test_mlx_lm_example_config_runs_as_it_is(data, tmp_path):
     """The keys and values of mlx-lm's examples/lora_config.yaml, its schedule turned on, its paths and length
-    made to fit a tiny model."""
+    made to fit a tiny model of 18 blocks."""
+    from tests.conftest import make_model
+
+    model = make_model(tmp_path / "model", "llama", layers=18)
     config = tmp_path / "lora_config.yaml"
-    config.write_text(MLX_LM_EXAMPLE.format(model=tiny_llama, data=data, run=tmp_path / "run"))
+    config.write_text(MLX_LM_EXAMPLE.format(model=model, data=data, run=tmp_path / "run"))
     assert main(["lora", "-c", str(config), "--dtype", "float32"]) == 0
     adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert adapter["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
-    assert adapter["layers_to_transform"] == [0, 1]   # num_layers 16 on a 2-block model: both
+    assert adapter["layers_to_transform"] == list(range(2, 18))
+
+
+def test_more_layers_than_the_model_has_is_an_error(tiny_llama, data, tmp_path, capsys):
+    code = main(["lora", "--train", "--model", str(tiny_llama), "--data", str(data), "--num-layers", "99",
+                 "--adapter-path", str(tmp_path / "run")])
+    assert code == 2 and "--num-layers 99: the model has 2 blocks; pass 2 or -1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("line, message", [
@@ -224,3 +233,26 @@ def test_optimizer_config_sets_betas_and_eps(tiny_llama, data, tmp_path):
                    optimizer_config={"adamw": {"betas": [0.8, 0.95], "eps": 1e-6, "weight_decay": 0.05}})
     assert train._optimizer(opts) == ("adamw", {"weight_decay": 0.05, "betas": (0.8, 0.95), "eps": 1e-6})
     assert train._optimizer(replace(opts, weight_decay=0.2))[1]["weight_decay"] == 0.2   # the flag wins
+
+
+def test_best_metric_generates_answers_for_the_validation_rows_and_judges_by_them(tiny_llama, data, tmp_path):
+    run = tmp_path / "run"
+    lines = []
+    train.lora(loop_options(tiny_llama, data, run, iters=20, learning_rate=1e-2, best_metric="sql-exec",
+                            best_max_tokens=8, early_stop=2, keep_best=True), log=lines.append)
+    scores = [(m["step"], m["val_sql-exec"]) for m in metrics(run) if "val_sql-exec" in m]
+    assert [s for s, _ in scores] == [0, 2, 4]   # a tiny model never answers right: no better score twice
+    assert all(0.0 <= v <= 1.0 for _, v in scores)
+    assert any("Early stop at step 4: no better validation sql-exec in 2 validations" in line for line in lines)
+
+
+def test_keep_best_by_a_task_metric_keeps_the_highest_score(tiny_llama, data, tmp_path, monkeypatch):
+    scripted = iter([0.2, 0.4, 0.8, 0.6, 0.8, 0.1])
+    monkeypatch.setattr(train, "_task_score", lambda *_: next(scripted))
+    run = tmp_path / "run"
+    lines = []
+    train.lora(loop_options(tiny_llama, data, run, iters=10, learning_rate=1e-2, best_metric="exact",
+                            keep_best=True), log=lines.append)
+    config = json.loads((run / "best" / "adapter_config.json").read_text())
+    assert (config["tunelab"]["step"], config["tunelab"]["exact"]) == (4, 0.8)   # the first of two 0.8s
+    assert any("Best validation exact 0.800 at step 4" in line for line in lines)
