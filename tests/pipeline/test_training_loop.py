@@ -123,7 +123,7 @@ def test_early_stop_ends_the_run_after_validations_without_improvement(tiny_llam
     before = (run / "adapter_model.safetensors").read_bytes()
     train.lora(replace(loop_options(tiny_llama, data, run, iters=40, learning_rate=5e-2, early_stop=1,
                                     keep_best=True), resume=True), log=quiet)   # nothing left to do
-    assert any(f"Early stop at step {expected}: no lower validation loss in 1 validations" in line for line in lines)
+    assert any(f"Early stop at step {expected}: no better validation loss in 1 validations" in line for line in lines)
     assert (run / "adapter_model.safetensors").read_bytes() == before
 
 
