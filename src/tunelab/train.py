@@ -259,12 +259,12 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
 
     def judge(step):
         """After a validation: keep the best adapter, count validations without improvement, stop early."""
-        value = loop["val_loss"]
-        if task_rows is not None:   # a task metric of generated answers: higher is better, so judged negated
+        value = [loop["val_loss"]]
+        if task_rows is not None:   # a task metric: higher is better, so judged negated; ties go to the lower loss
             score = _task_score(engine, model, task_rows, opts)
             metrics.write(step=step, **{f"val_{opts.best_metric}": score})
             tqdm.write(f"Iter {step}: Val {opts.best_metric} {score:.3f}")
-            value = -score
+            value = [-score, loop["val_loss"]]
         if loop["best"] is not None and value >= loop["best"][1]:
             loop["stale"] += 1
             if opts.early_stop is not None and loop["stale"] >= opts.early_stop:
@@ -274,7 +274,7 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
         if opts.keep_best and step > 0:
             record = {"step": step, "val_loss": loop["val_loss"]}
             if task_rows is not None:
-                record[opts.best_metric] = -value
+                record[opts.best_metric] = -value[0]
             with atomic.atomic_dir(run_dir / BEST) as tmp:
                 adapters.save(tmp, model.spec, engine.adapter_tensors(model), extra_config={"tunelab": record})
 
@@ -355,7 +355,7 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
                           f"{where}", 128 + stop.signum)
     if loop["best"] is not None:
         judged = "validation loss" if task_rows is None else f"validation {opts.best_metric}"
-        best = f"{judged} {abs(loop['best'][1]):.3f} at step {loop['best'][0]}"
+        best = f"{judged} {abs(loop['best'][1][0]):.3f} at step {loop['best'][0]}"
         if loop["done"]:
             log(f"Early stop at step {loop['step']}: no better {judged} in {loop['stale']} validations (best "
                 f"{best.removeprefix(judged + ' ')})")
