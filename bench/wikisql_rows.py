@@ -1,7 +1,7 @@
 """Convert mlx-examples' WikiSQL files into rows shaped like b-mc2/sql-create-context, for text-to-SQL accuracy.
 
 Source: lora/data/{train,valid,test}.jsonl of github.com/ml-explore/mlx-examples (1000 / 100 / 100 rows), read
-from a checkout or, by `git show <rev>:lora/data/...`, from a bare mirror (default: the local mirror below).
+from a checkout (--mlx-examples PATH) or, by `git show <rev>:lora/data/...`, from a bare mirror of it.
 Each row there is {"text": "table: 1-10015132-11\\ncolumns: Player, No., ...\\nQ: <question>\\nA: <sql>"} with
 WikiSQL's loose SQL, SELECT [MAX|MIN|COUNT|SUM|AVG] <column> FROM <table> [WHERE <column> =|>|< <value> [AND ...]]:
 names unquoted (spaces, slashes, parentheses), values mostly in single quotes that are never escaped.
@@ -25,7 +25,7 @@ would read as a column name, or whose CREATE TABLE and answer do not run in an i
 skipped and counted.
 
 Usage:
-  python bench/wikisql_rows.py --out DIR        # DIR/wikisql-{train,valid,test}.jsonl
+  python bench/wikisql_rows.py --mlx-examples PATH --out DIR     # DIR/wikisql-{train,valid,test}.jsonl
 Then, with tunelab (prepare shuffles; --num-rows -1 takes every row):
   tunelab prepare --source DIR --keep-splits --num-rows -1 --out wikisql-chat
       keeps mlx-examples' own splits as train/valid/test.jsonl. The folder is read by the datasets library
@@ -45,7 +45,6 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
-MIRROR = "/work/.mirror/ml-explore+mlx-examples/repo"
 SPLITS = ("train", "valid", "test")
 AGGREGATES = ("MAX", "MIN", "COUNT", "SUM", "AVG")
 OPERATORS = ("=", ">", "<")
@@ -202,8 +201,8 @@ def convert_file(lines, out_path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="Folder for wikisql-train/valid/test.jsonl.")
-    parser.add_argument("--mlx-examples", default=MIRROR,
-                        help="mlx-examples checkout or git mirror (default: %(default)s)")
+    parser.add_argument("--mlx-examples", required=True,
+                        help="a checkout of github.com/ml-explore/mlx-examples, or a bare git mirror of it")
     parser.add_argument("--rev", default="HEAD", help="Revision to read from a git mirror (default: %(default)s)")
     args = parser.parse_args()
     out = Path(args.out)

@@ -273,8 +273,9 @@ class DemoOptions:
     out: str = opt("tunelab-demo", "Folder for the demo's data, adapter and fused model.")
     model: str = opt(DEFAULT_MODEL, "Model to fine-tune.")
     iters: int = opt(300, "Training steps.")
-    learning_rate: float = opt(1e-4, "Adam learning rate.")
-    num_layers: int = opt(4, "Number of final layers to train.")
+    learning_rate: float = opt(1e-4, "Peak learning rate (10% warm-up, then cosine decay to a tenth of it).")
+    num_layers: int = opt(-1, "Number of final layers to train (-1: every block, the recommended recipe; 4: the "
+                          "tutorial's).")
     max_tokens: int = opt(128, "Token budget of each generated answer (the example and the evaluation).")
     seed: int = opt(0, "Seed for data and training.")
     engine: str = opt("auto", "Compute engine: mlx (Apple silicon) or torch (NVIDIA GPUs, CPUs); auto picks mlx on "

@@ -1,6 +1,7 @@
 """The demo: the tutorial's whole workflow on the embedded model and builtin:sql data.
 
-prepare -> base test loss and answer -> train (LoRA, top blocks, prompt masked) -> test loss
+prepare -> base test loss and answer -> train (LoRA on every block, prompt masked, warm-up and cosine
+learning rate, clipped gradients: the recipe of recipes/text-to-sql.yaml; --num-layers 4 is the tutorial's) -> test loss
 and answer again -> fuse -> answer from the fused folder -> export the fused model as an f16
 GGUF file (with an Ollama Modelfile) -> eval of base, tuned and the GGUF file on every test
 row (sql-exec, sql-canonical, loss) and the HTML report -> summary. Every step is the same
@@ -91,9 +92,13 @@ def _run(opts, out, started, log):
     before = train.lora(LoraOptions(test=True, adapter_path="", **common), log=log)
     base_answer = _answer(opts.model, None, system_prompt, opts.max_tokens, log, opts.engine)
 
-    log(f"\n[3/8] Training a LoRA adapter ({opts.iters} steps, top {opts.num_layers} blocks, prompt masked)")
+    blocks = "every block" if opts.num_layers == -1 else f"top {opts.num_layers} blocks"
+    log(f"\n[3/8] Training a LoRA adapter ({opts.iters} steps, {blocks}, prompt masked, warm-up and cosine "
+        "learning rate, gradients clipped to norm 1)")
     after = train.lora(LoraOptions(train=True, test=True, adapter_path=str(adapter_dir), iters=opts.iters,
                                    num_layers=opts.num_layers, learning_rate=opts.learning_rate,
+                                   lr_schedule="cosine", warmup=max(opts.iters // 10, 1),
+                                   min_lr=opts.learning_rate / 10, max_grad_norm=1.0,
                                    steps_per_eval=max(opts.iters // 2, 1), save_every=opts.iters,
                                    steps_per_report=max(opts.iters // 20, 1), **common), log=log)
 

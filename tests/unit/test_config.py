@@ -50,3 +50,20 @@ def test_every_bad_key_reported_at_once(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="config file not found"):
         parse(["-c", str(tmp_path / "none.yaml")])
+
+
+def test_the_recommended_recipe_reads_and_passes_the_checks(tmp_path):
+    from dataclasses import replace
+    from pathlib import Path
+
+    from tunelab.config import LoraOptions, read_config_file
+    from tunelab.train import check_options
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "text-to-sql.yaml"
+    values = read_config_file(recipe, LoraOptions)
+    assert values["num_layers"] == -1 and values["best_metric"] == "sql-exec" and values["keep_best"] is True
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "valid", "test"):
+        (data / f"{split}.jsonl").write_text("")
+    check_options(replace(LoraOptions(), **values, data=str(data)))
