@@ -102,6 +102,16 @@ def tiny_tokenizer(tiny_llama):
     return AutoTokenizer.from_pretrained(str(tiny_llama))
 
 
+def builtin_sql_data(folder, num_rows, valid_rows=5, test_rows=5):
+    """A data folder of builtin:sql rows made by `prepare` (train gets num_rows - valid - test)."""
+    from tunelab.config import PrepareOptions
+    from tunelab.data.prepare import prepare
+
+    prepare(PrepareOptions(out=str(folder), num_rows=num_rows, valid_rows=valid_rows, test_rows=test_rows),
+            log=lambda *_: None)
+    return folder
+
+
 def write_jsonl(path, rows):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

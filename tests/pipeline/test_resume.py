@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from tests.conftest import builtin_sql_data
 from tunelab import adapters, checkpoints, train
 from tunelab.cli import main
-from tunelab.config import LoraOptions, PrepareOptions
-from tunelab.data.prepare import prepare
+from tunelab.config import LoraOptions
 from tunelab.engines import torch_engine
 from tunelab.errors import UserError
 
@@ -32,9 +32,7 @@ def quiet(*_):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("resume") / "data"
-    prepare(PrepareOptions(out=str(out), num_rows=40, valid_rows=5, test_rows=5), log=quiet)
-    return out   # 30 training rows: 15 batches of 2 an epoch
+    return builtin_sql_data(tmp_path_factory.mktemp("resume") / "data", 40)   # 30 training rows: 15 batches of 2 an epoch
 
 
 def options(model, data, run, **changes):

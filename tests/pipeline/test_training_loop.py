@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 import yaml
 
+from tests.conftest import builtin_sql_data
 from tunelab import schedules, train
 from tunelab.cli import main
-from tunelab.config import LoraOptions, PrepareOptions
-from tunelab.data.prepare import prepare
+from tunelab.config import LoraOptions
 
 
 def quiet(*_):
@@ -19,9 +19,7 @@ def quiet(*_):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("loop") / "data"
-    prepare(PrepareOptions(out=str(out), num_rows=31, valid_rows=5, test_rows=5), log=quiet)
-    return out   # 21 training rows: 11 batches of 2 an epoch
+    return builtin_sql_data(tmp_path_factory.mktemp("loop") / "data", 31)   # 21 training rows: 11 batches of 2 an epoch
 
 
 def metrics(run):
