@@ -37,7 +37,7 @@ ADAPTER_FILES = (adapters.PEFT_WEIGHTS, adapters.MLX_WEIGHTS, adapters.CONFIG)
 # Options that may differ between a checkpoint and the run that resumes it: they change nothing of
 # the training computation or its files.
 RESUMABLE_CHANGES = {"train", "test", "test_batches", "resume", "resume_adapter_file", "keep_checkpoints",
-                     "skip_invalid", "device"}
+                     "save_every", "skip_invalid", "device"}
 
 
 class RunLock:

@@ -237,6 +237,8 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
         engine.load_training_state(model, optimizer, arrays)
         loop.update(saved["loop"])
         checkpoints.truncate_metrics(run_dir, saved["metrics_bytes"])
+        if loop["step"] >= opts.iters or loop["done"]:
+            log(f"The run in {run_dir} had finished at step {loop['step']}: nothing left to train")
     micro_batches = opts.grad_accumulation_steps
     metrics = runs.MetricsLog(run_dir)
     batches = training_batches(train_set, opts.batch_size, opts.seed, start=loop["step"] * micro_batches)
@@ -483,7 +485,9 @@ def _check_resumable(checkpoint, opts):
                 _hashes(_data_files(opts)).items() if state.get("data", {}).get(name) not in (None, digest)]
     if changed:
         raise UserError([f"--resume: {checkpoint} was written with other options than this run's:"] + changed +
-                        [f"run again with the checkpoint's options (they are in its {checkpoints.STATE})"])
+                        [f"run again with the checkpoint's options (they are in its {checkpoints.STATE}); to train "
+                         f"on from its adapter with new ones: --resume-adapter-file {checkpoint / adapters.MLX_WEIGHTS}"
+                         " and a new --adapter-path"])
 
 
 def _start_weights(path):
