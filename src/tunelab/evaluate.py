@@ -314,11 +314,28 @@ def run_dir_for(opts):
     return Path(opts.adapter_path) if opts.adapter_path else Path("tunelab-eval")
 
 
+def check_outputs(run_dir):
+    """eval replaces its own earlier results and report in the run folder, never a file of the same name that
+    it did not write."""
+    run_dir = Path(run_dir)
+    signs = {runs.REPORT: b"<title>tunelab report</title>", runs.EVAL_RESULTS: b'"models"',
+             runs.EVAL_SAMPLES: b'"answers"'}
+    foreign = []
+    for name, sign in signs.items():
+        path = run_dir / name
+        if path.is_dir() or (path.exists() and sign not in path.read_bytes()[:1 << 16] and path.stat().st_size):
+            foreign.append(str(path))
+    if foreign:
+        raise UserError(f"{', '.join(foreign)}: not written by `tunelab eval`, and eval does not replace it; "
+                        "choose another --run-dir")
+
+
 def evaluate(opts, log=print):
     """The `tunelab eval` stage; returns the results written to eval/results.json."""
     from tunelab import report
 
     check_options(opts)
+    check_outputs(run_dir_for(opts))
     todo = candidates(opts)
     split_path = Path(opts.data) / f"{opts.split}.jsonl"
     raw_rows, fmt, rows = load_rows(split_path, opts.num_rows)

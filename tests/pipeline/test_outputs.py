@@ -107,3 +107,25 @@ def test_demo_checks_its_options_before_touching_an_earlier_demo(tmp_path):
         demo(DemoOptions(out=str(out), model=str(tmp_path / "no-such-model")), log=quiet)
     assert (out / "report.html").read_text() == "earlier"
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+
+
+def test_eval_replaces_its_own_report_and_never_a_users_file(tmp_path):
+    import json
+
+    from tests.conftest import builtin_sql_data
+    from tunelab.config import EvalOptions
+    from tunelab.evaluate import evaluate
+
+    data = builtin_sql_data(tmp_path / "data", 20)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"index": i, "answer": "SELECT 1"}) + "\n" for i in range(5)))
+    opts = EvalOptions(no_base=True, predictions=[str(answers)], data=str(data), run_dir=str(tmp_path / "run"))
+    evaluate(opts, log=quiet)
+    evaluate(opts, log=quiet)   # its own earlier output: replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.html").write_text("<html>my own report</html>")
+    with pytest.raises(UserError, match="not written by `tunelab eval`"):
+        evaluate(EvalOptions(no_base=True, predictions=[str(answers)], data=str(data), run_dir=str(mine)), log=quiet)
+    assert (mine / "report.html").read_text() == "<html>my own report</html>"
+    assert sorted(p.name for p in mine.iterdir()) == ["report.html"]
