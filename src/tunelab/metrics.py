@@ -33,8 +33,10 @@ statement, no worker threads; the database holds at most 2,500 pages (10 MB). Th
 handler every 100 VM instructions, but SQLite only calls it between loop steps, never inside a
 function call: the small string limit is what keeps one call short (the worst, a two-argument
 trim on the longest strings, takes about 2 ms; instr and replace well under 1 ms). A result holds
-at most 10,000 rows and 10 MB of text and blobs. Sorts, DISTINCT and materialized subqueries spill
-to SQLite's own unnamed temporary files rather than memory; the time limit bounds those too.
+at most 10,000 rows and 10 MB of text and blobs. Sorts, DISTINCT and materialized subqueries stay in
+memory (temp_store = MEMORY, never SQLite's temporary files), under SQLite's hard heap limit of
+HEAP_LIMIT = 256 MB, set for the process at the first sql-exec (SQLite can lower that limit but never
+lift it again; tunelab uses SQLite for nothing else): past it a query fails, and counts as wrong.
 """
 
 import math
@@ -108,7 +110,7 @@ MAX_RESULT_ROWS = 10_000
 MAX_RESULT_BYTES = 10_000_000  # of the str and bytes values in one result
 # what running untrusted SQL may raise: sqlite3's errors, its Warning (several statements, Python 3.10),
 # ValueError (a lone surrogate or a NUL in the text) and OverflowError (an integer past 64 bits)
-SQL_ERRORS = (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError)
+SQL_ERRORS = (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError, MemoryError)
 
 
 def find_schema(*texts):
@@ -179,6 +181,7 @@ def _fill(db, rng, strings, numbers):
 
 PROGRESS_EVERY = 100  # VM instructions between two looks at the clock
 MAX_DB_PAGES = 2_500  # of 4 KiB: 10 MB of tables
+HEAP_LIMIT = 256 * 1024**2   # bytes SQLite may hold in this process (its hard heap limit)
 SQLITE_LIMITS = {     # sqlite3 constant name -> value, for the fill and the queries
     "SQLITE_LIMIT_LENGTH": 5_000,       # bytes in a string, blob or row
     "SQLITE_LIMIT_SQL_LENGTH": 10_000,  # bytes in a statement
@@ -246,6 +249,8 @@ def _sandbox():
     if hasattr(db, "enable_load_extension"):  # absent when Python was built without it
         db.enable_load_extension(False)
     db.execute(f"PRAGMA max_page_count = {MAX_DB_PAGES}")
+    db.execute("PRAGMA temp_store = MEMORY")
+    db.execute(f"PRAGMA hard_heap_limit = {HEAP_LIMIT}")   # only ever lowers the process's limit
     return db
 
 

@@ -189,3 +189,22 @@ OK, DENY = sqlite3.SQLITE_OK, sqlite3.SQLITE_DENY
 def test_each_phase_allows_only_its_own_actions(phase, action, arg1, arg2, db_name, expected):
     authorize = getattr(metrics, f"_authorize_{phase}")
     assert authorize(action, arg1, arg2, db_name, None) == expected
+
+
+def test_big_sorts_stay_in_memory_under_the_heap_limit_and_score_wrong():
+    import sqlite3
+    import time
+
+    from tunelab import metrics
+
+    schema = "CREATE TABLE t (a INTEGER)"
+    started = time.monotonic()
+    verdict = metrics.sql_exec("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 50000000) "
+                               "SELECT count(DISTINCT x || 'padding to make every row long') FROM c",
+                               "SELECT count(*) FROM t", schema)
+    assert not verdict.correct
+    assert time.monotonic() - started < metrics.TIME_LIMIT_S + 1.5
+    db = sqlite3.connect(":memory:")
+    assert db.execute("PRAGMA hard_heap_limit").fetchone()[0] == metrics.HEAP_LIMIT
+    sandbox = metrics._sandbox()
+    assert sandbox.execute("PRAGMA temp_store").fetchone()[0] == 2   # MEMORY
