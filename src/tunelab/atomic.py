@@ -168,11 +168,16 @@ def atomic_dir(dest, replace=True):
                 raise _exists_error(dest) from None
             raise
         return
-    old = None
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=_prefix(dest), suffix=".old", dir=dest.parent))
-        os.rmdir(old)
-        os.replace(dest, old)
+    old = set_aside(dest) if dest.exists() else None
     os.replace(tmp, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside(dest):
+    """Move `dest` to a temporary name beside it (removed as stale once this process is gone); return it."""
+    dest = Path(dest)
+    aside = Path(tempfile.mkdtemp(prefix=_prefix(dest), suffix=".old", dir=dest.parent))
+    os.rmdir(aside)
+    os.replace(dest, aside)
+    return aside

@@ -4,7 +4,7 @@
   <run>/checkpoints/step-0000100/          one committed checkpoint:
       adapter_config.json, adapter_model.safetensors, adapters.safetensors   the adapter (both layouts)
       trainer_state.safetensors            optimizer state and random generator states (engine arrays)
-      trainer_state.json                   step, data position, metrics offset, report window, options
+      trainer_state.json                   step (and so the data position), metrics offset, report window, options
       COMMITTED                            written last: a folder without it is not a checkpoint
   <run>/adapter_config.json, ...           the newest committed checkpoint's adapter, copied up
 

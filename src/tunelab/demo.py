@@ -12,7 +12,6 @@ import contextlib
 import io
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,9 +46,7 @@ def _claimed(out):
         if not (out / MARKER).is_file():
             raise UserError(f"{out}: exists and was not made by `tunelab demo`; choose another --out")
         atomic.remove_stale(out.parent, out.name)
-        previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".old", dir=out.parent))
-        os.rmdir(previous)
-        os.replace(out, previous)
+        previous = atomic.set_aside(out)
     try:
         out.mkdir(parents=True)
         (out / MARKER).write_text("made by tunelab demo; the next demo run replaces this folder\n")

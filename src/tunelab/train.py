@@ -159,7 +159,7 @@ def _collapse(loss, start, vocab_size, loop):
     token is equally likely, twice in a row (train reports and validations), or a validation loss far
     above where the run started (`start`)."""
     uniform = math.log(vocab_size) if vocab_size else None
-    loop["uniform"] = loop.get("uniform", 0) + 1 if uniform and abs(loss - uniform) < 1e-3 * uniform else 0
+    loop["uniform"] = loop["uniform"] + 1 if uniform and abs(loss - uniform) < 1e-3 * uniform else 0
     if loop["uniform"] >= 2:
         return f"is ln(vocabulary size) = {uniform:.3f}: every token is equally likely, the model has collapsed"
     if start is not None and loss > start + max(1.0, start):
@@ -254,7 +254,7 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
         nonlocal saved_step
         checkpoints.write(run_dir, step, model.spec, engine.adapter_tensors(model),
                           engine.training_state(model, optimizer),
-                          {"step": step, "batches": step * micro_batches, "metrics_bytes": metrics.size(),
+                          {"step": step, "metrics_bytes": metrics.size(),
                            "loop": dict(loop, step=step), "options": dataclasses.asdict(opts), **(record or {})},
                           opts.keep_checkpoints)
         saved_step = step

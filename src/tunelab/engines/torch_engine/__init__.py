@@ -306,10 +306,15 @@ def make_optimizer(m, learning_rate, name="adam", weight_decay=0.0, betas=(0.9, 
         return kind(params, lr=learning_rate, **extra)
 
 
+def _trained_names(m):
+    """{id(tensor): name} of the trained tensors, the keys of their optimizer state in a checkpoint."""
+    return {id(p): n for n, p in m.model.named_parameters() if p.requires_grad}
+
+
 def training_state(m, optimizer):
     """What a resumed run needs besides the adapter, as numpy arrays: Adam's moments and step count of
     each trained tensor (by name) and the random generators' states (dropout)."""
-    names = {id(p): n for n, p in m.model.named_parameters() if p.requires_grad}
+    names = _trained_names(m)
     out = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -325,7 +330,7 @@ def load_training_state(m, optimizer, arrays):
     """Put `training_state`'s arrays back into the optimizer and the random generators."""
     state = optimizer.state_dict()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    names = {id(p): n for n, p in m.model.named_parameters() if p.requires_grad}
+    names = _trained_names(m)
     restored = {}
     for i, p in enumerate(params):
         prefix = f"optimizer/{names[id(p)]}/"
