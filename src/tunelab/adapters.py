@@ -100,10 +100,7 @@ def save(folder, spec, tensors, extra_config=None):
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for module, arrays in tensors.items():
-        if not all(np.isfinite(x).all() for x in arrays):
-            raise UserError(f"adapter tensor {module} holds NaN or infinite values: not saved; "
-                            "lower --learning-rate")
+    check_finite(tensors, "the adapter", fix="not saved; lower --learning-rate")
     peft = {}
     mlx = {}
     for module, (a, b, *magnitude) in tensors.items():
