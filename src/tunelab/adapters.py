@@ -13,6 +13,10 @@
 Tensors travel as {module: (A, B)} for LoRA and {module: (A, B, M)} for DoRA, where the layer computes
 (M / ||W + scale B A||) * (W + scale B A) x, the norm taken over each output row and not trained through.
 Everything here is numpy: engines convert at their edge.
+
+A full fine-tune (fine_tune_type full, mlx-lm's) trains whole blocks: its folder holds
+adapters.safetensors with those blocks' weights under their model names (model.layers.27.mlp.up_proj.weight)
+and the config, with no PEFT file (PEFT has no such layout). Its tensors travel as {name: array}.
 """
 
 import json
@@ -49,20 +53,33 @@ class AdapterSpec:
     base_model: str = ""
     dora: bool = False           # weight-decomposed LoRA: a trained magnitude per output row
     quantization: tuple = None   # (bits, group_size) of the quantized base it was trained on (QLoRA)
+    full: bool = False           # full fine-tuning: every weight of `layers` trains (rank, scale, keys unused)
+
+    @property
+    def kind(self):
+        """mlx-lm's fine_tune_type: lora, dora or full."""
+        return "full" if self.full else "dora" if self.dora else "lora"
 
     def modules(self):
         return [f"model.layers.{i}.{k}" for i in self.layers for k in self.keys]
 
 
-def spec_for(num_layers, total_layers, rank, scale, dropout, keys=None, base_model="", dora=False):
-    """The spec for training the top `num_layers` blocks (-1: all) of a `total_layers` model."""
+def spec_for(num_layers, total_layers, rank, scale, dropout, keys=None, base_model="", kind="lora"):
+    """The spec for training the top `num_layers` blocks (-1: all) of a `total_layers` model; `kind` is
+    mlx-lm's fine_tune_type (lora, dora, full)."""
     n = total_layers if num_layers == -1 else min(num_layers, total_layers)
-    return AdapterSpec(rank=rank, scale=float(scale), dropout=float(dropout),
-                       layers=list(range(total_layers - n, total_layers)), num_layers=n,
-                       keys=list(keys or DEFAULT_KEYS), base_model=str(base_model), dora=bool(dora))
+    layers = list(range(total_layers - n, total_layers))
+    if kind == "full":
+        return AdapterSpec(rank=0, scale=0.0, dropout=0.0, layers=layers, num_layers=n, keys=[],
+                           base_model=str(base_model), full=True)
+    return AdapterSpec(rank=rank, scale=float(scale), dropout=float(dropout), layers=layers, num_layers=n,
+                       keys=list(keys or DEFAULT_KEYS), base_model=str(base_model), dora=kind == "dora")
 
 
 def config_dict(spec, extra=None):
+    if spec.full:   # mlx-lm's keys only: PEFT has no layout for whole trained blocks
+        return {"fine_tune_type": "full", "num_layers": spec.num_layers, "lora_parameters": None,
+                "base_model_name_or_path": spec.base_model, **(extra or {})}
     return {
         # PEFT
         "peft_type": "LORA",
@@ -93,14 +110,21 @@ def config_dict(spec, extra=None):
 
 
 def save(folder, spec, tensors, extra_config=None):
-    """Write both weight files and the config. `tensors`: {module: (A [r, in], B [out, r])}.
+    """Write the weight files (both layouts; a full fine-tune's one) and the config. `tensors`:
+    {module: (A [r, in], B [out, r][, M])}, or {weight name: array} for a full fine-tune.
 
     Each file is replaced atomically; weights first, so a config never names weights that
-    are not yet complete. The config records both weight files' SHA-256 (`tunelab.files`).
+    are not yet complete. The config records the weight files' SHA-256 (`tunelab.files`).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     check_finite(tensors, "the adapter", fix="not saved; lower --learning-rate")
+    if spec.full:
+        with atomic.atomic_path(folder / MLX_WEIGHTS) as tmp:
+            atomic.save_safetensors({name: np.ascontiguousarray(value) for name, value in tensors.items()}, tmp,
+                                    metadata={"format": "mlx"})
+        _write_config(folder, config_dict(spec, extra_config), (MLX_WEIGHTS,))
+        return
     peft = {}
     mlx = {}
     for module, (a, b, *magnitude) in tensors.items():
@@ -115,10 +139,13 @@ def save(folder, spec, tensors, extra_config=None):
         atomic.save_safetensors(peft, tmp, metadata={"format": "pt"})
     with atomic.atomic_path(folder / MLX_WEIGHTS) as tmp:
         atomic.save_safetensors(mlx, tmp, metadata={"format": "mlx"})
-    config = config_dict(spec, extra_config)
-    # the weight files this config belongs to: a folder whose files come from different saves is detected
-    config.setdefault("tunelab", {})["files"] = {name: runs.file_sha256(folder / name)
-                                                 for name in (PEFT_WEIGHTS, MLX_WEIGHTS)}
+    _write_config(folder, config_dict(spec, extra_config), (PEFT_WEIGHTS, MLX_WEIGHTS))
+
+
+def _write_config(folder, config, weight_files):
+    """The config, recording the weight files it belongs to: a folder whose files come from different saves
+    is detected."""
+    config.setdefault("tunelab", {})["files"] = {name: runs.file_sha256(folder / name) for name in weight_files}
     atomic.write_json(folder / CONFIG, config)
 
 
@@ -140,6 +167,27 @@ def pair_with_layers(tensors, layers, shapes):
                             f"model's {'/'.join(map(str, want))}: trained on another base model or fine-tune type?")
             continue
         pairs.append((layer, *arrays))
+    UserError.raise_if(problems)
+    return pairs
+
+
+def pair_with_weights(tensors, weights):
+    """[(weight, array)] for a full fine-tune's {name: array} and a model's trained {name: weight}: every
+    name and shape must match, each mismatch reported at once."""
+    pairs, problems = [], []
+    for name, array in tensors.items():
+        weight = weights.get(name)
+        if weight is None:
+            problems.append(f"fine-tuned weight {name}: the model has no such weight in the trained blocks")
+        elif tuple(weight.shape) != tuple(array.shape):
+            problems.append(f"fine-tuned weight {name}: shape {tuple(array.shape)} does not match the model's "
+                            f"{tuple(weight.shape)}: trained on another base model?")
+        else:
+            pairs.append((weight, array))
+    missing = sorted(set(weights) - set(tensors))
+    if missing:
+        problems.append(f"fine-tuned weights: {missing[0]} ({len(missing)} of the trained blocks' weights) "
+                        "missing: the file is incomplete")
     UserError.raise_if(problems)
     return pairs
 
@@ -274,6 +322,7 @@ _LAYOUTS = {
     MLX_WEIGHTS: ({".lora_a": 0, ".lora_b": 1, ".m": 2}, "", True),
 }
 _MODULE = re.compile(r"model\.layers\.\d+\..+")
+_WEIGHT = re.compile(r"model\.layers\.\d+\..+\.(weight|bias)")
 
 
 def _group(raw, layout, path, dora):
@@ -340,8 +389,38 @@ def _check_shapes(tensors, rank, path, layout):
     return problems
 
 
+def _load_full(folder, config):
+    """(spec, {weight name: array}) of a full fine-tune's folder (mlx-lm's layout), every problem at once."""
+    weights = folder / MLX_WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"{folder}: no {MLX_WEIGHTS}: a full fine-tune's weights are in it")
+    base_model = config.get("base_model_name_or_path") or ""
+    problems = [] if isinstance(base_model, str) else \
+        [f"{folder / CONFIG}: base_model_name_or_path: expected a string, got {base_model!r}"]
+    raw = _read_safetensors(weights)
+    for name, value in raw.items():
+        if not _WEIGHT.fullmatch(name):
+            problems.append(f"{weights}: {name}: expected a weight inside the decoder blocks, named "
+                            "model.layers.<n>.<module>.weight (or .bias)")
+        elif value.dtype.kind != "f":
+            problems.append(f"{weights}: {name}: expected floating-point values, got {value.dtype}")
+    if not raw:
+        problems.append(f"{weights}: no tensors at all: not a saved fine-tune; save it again, or use an earlier "
+                        "checkpoint")
+    try:
+        check_finite(raw, weights)
+    except UserError as e:
+        problems += e.problems
+    UserError.raise_if(problems)
+    layers = sorted({int(name.split(".")[2]) for name in raw})
+    keys = sorted({name.split(".", 3)[3] for name in raw})
+    return AdapterSpec(rank=0, scale=0.0, dropout=0.0, layers=layers, num_layers=len(layers), keys=keys,
+                       base_model=base_model, full=True), raw
+
+
 def load(folder):
-    """Read and check an adapter folder (PEFT layout, or mlx-lm's alone); return (spec, tensors).
+    """Read and check an adapter folder (PEFT layout, or mlx-lm's alone, or a full fine-tune's); return
+    (spec, tensors).
 
     A faulty folder raises UserError naming the file, the field or tensor and the fix: a config that is
     not a readable JSON object or lacks r / lora_alpha, files from different saves, a truncated weight
@@ -356,9 +435,10 @@ def load(folder):
         raise UserError(f"{config_path}: expected a JSON object of adapter settings, got "
                         f"{type(config).__name__}: save the adapter again")
     _check_file_hashes(folder, config)
-    if config.get("fine_tune_type", "lora") not in ("lora", "dora"):
-        raise UserError(f"{config_path}: fine_tune_type: {config['fine_tune_type']!r}: only LoRA and DoRA "
-                        "adapters are supported")
+    if config.get("fine_tune_type", "lora") not in ("lora", "dora", "full"):
+        raise UserError(f"{config_path}: fine_tune_type: {config['fine_tune_type']!r}: expected lora, dora or full")
+    if config.get("fine_tune_type") == "full":
+        return _load_full(folder, config)
     dora = bool(config.get("use_dora")) or config.get("fine_tune_type") == "dora"
     layout = next((name for name in (PEFT_WEIGHTS, MLX_WEIGHTS) if (folder / name).is_file()), None)
     if layout is None:

@@ -125,13 +125,16 @@ def write(run_dir, step, spec, tensors, state_arrays, state, keep):
 
 def publish(run_dir, checkpoint):
     """Copy a committed checkpoint's adapter to the top of the run folder, weights first, config last."""
-    for name in ADAPTER_FILES:
-        atomic.copy_file(Path(checkpoint) / name, Path(run_dir) / name)
+    for name in ADAPTER_FILES:   # a full fine-tune has no PEFT file
+        if (Path(checkpoint) / name).is_file():
+            atomic.copy_file(Path(checkpoint) / name, Path(run_dir) / name)
 
 
 def _same_files(a, b):
     for name in ADAPTER_FILES:
         pa, pb = Path(a) / name, Path(b) / name
+        if not pa.is_file() and not pb.is_file():
+            continue
         if not pa.is_file() or not pb.is_file() or pa.stat().st_size != pb.stat().st_size:
             return False
         if pa.read_bytes() != pb.read_bytes():

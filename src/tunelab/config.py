@@ -91,8 +91,9 @@ class LoraOptions:
     data: str = opt("data", "Folder with train.jsonl and valid.jsonl (for --train) and test.jsonl (for --test).")
     train: bool = opt(False, "Train an adapter.")
     test: bool = opt(False, "Report loss and perplexity on test.jsonl.")
-    fine_tune_type: str = opt("lora", "Type of fine-tuning: lora, or dora (LoRA plus a trained magnitude for each "
-                              "output row of an adapted weight); mlx-lm's full is not built yet.",
+    fine_tune_type: str = opt("lora", "Type of fine-tuning: lora, dora (LoRA plus a trained magnitude for each "
+                              "output row of an adapted weight), or full (every weight of the top --num-layers "
+                              "blocks trains; the run folder gets the whole model in <adapter-path>/model).",
                               choices=["lora", "dora", "full"])
     mask_prompt: bool = opt(None, "Train only on the answers: every assistant turn of chat rows (see --train-on), "
                             "the completion of completions rows. --test alone measures the loss as the adapter was "

@@ -41,9 +41,15 @@ def fuse(opts, log=print):
                                    inputs=inputs + [("the base model's folder", model_dir)], marker=MARKER,
                                    command="fuse")
     with atomic.atomic_dir(save_path, replace=replace) as tmp:
-        engine.fuse(model, tmp)
-        _portable_config(tmp)
-        models.check_finite_weights(tmp, fix="nothing was written; check the base model and the adapter")
-        atomic.write_json(tmp / MARKER, {"base_model": opts.model, "adapter": str(adapter_dir)})
+        write_model(engine, model, tmp, {"base_model": opts.model, "adapter": str(adapter_dir)})
     log(f"Fused model saved to {save_path}")
     return save_path
+
+
+def write_model(engine, model, folder, record):
+    """The engine's model, adapters merged, as a Hugging Face folder in `folder` (new), with `record` in its
+    marker file; refuses non-finite weights."""
+    engine.fuse(model, folder)
+    _portable_config(folder)
+    models.check_finite_weights(folder, fix="nothing was written; check the base model and the adapter")
+    atomic.write_json(Path(folder) / MARKER, record)

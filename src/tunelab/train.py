@@ -62,8 +62,9 @@ def check_options(opts):
                                "as --data",
                  "trust_remote_code": "tunelab never runs a model's own code"}
     problems += [f"--{name.replace('_', '-')}: {why}" for name, why in not_built.items() if getattr(opts, name)]
-    if opts.fine_tune_type == "full":
-        problems.append("--fine-tune-type full: full fine-tuning is not built yet (lora and dora are)")
+    if opts.fine_tune_type == "full" and opts.quantize:
+        problems.append("--fine-tune-type full trains the weights themselves, which --quantize would make "
+                        "4- or 8-bit: pass one of them")
     if opts.clear_cache_threshold:
         problems.append("--clear-cache-threshold: only 0 (the memory cache is not managed by tunelab yet)")
     if opts.max_grad_norm is not None and opts.max_grad_norm <= 0:
@@ -124,6 +125,7 @@ def _progress_text(step, loss, val_loss, tokens_per_s, peak):
 
 
 BEST = "best"        # <adapter-path>/best: the adapter of the lowest validation loss (--keep-best)
+MODEL = "model"      # <adapter-path>/model: a full fine-tune's whole model folder, written when training ends
 FILL_TOKENS = 4096   # positions a batch (rows times the longest row) when the frozen-prefix cache is filled
                      # ahead of training: rows that begin alike compute that beginning once a batch
 
@@ -414,7 +416,7 @@ def _train(engine, model, model_dir, opts, resume_from, log):
                         f"{config['num_hidden_layers']} or -1 to train them all")
     spec = adapters.spec_for(opts.num_layers, config["num_hidden_layers"], opts.lora_rank, opts.lora_scale,
                              opts.lora_dropout, opts.lora_keys, base_model=_loadable_base(opts.model, model_dir),
-                             dora=opts.fine_tune_type == "dora")
+                             kind=opts.fine_tune_type)
     spec.quantization = getattr(model, "quantized", None)
     engine.attach_lora(model, spec, seed=opts.seed)
     run_dir = Path(opts.adapter_path)
@@ -426,17 +428,21 @@ def _train(engine, model, model_dir, opts, resume_from, log):
         resume = (arrays, state)
         log(f"Resuming from {resume_from} (step {state['step']} of {opts.iters})")
     elif opts.resume_adapter_file:
-        engine.set_adapter(model, spec, _start_weights(opts.resume_adapter_file))
+        engine.set_adapter(model, spec, _start_weights(opts.resume_adapter_file, spec))
         log(f"Starting from the adapter weights in {opts.resume_adapter_file} (fresh optimizer, step 0)")
     if resume is None:
         runs.write_manifest(run_dir, dataclasses.asdict(opts), {"engine": engine.name, "device": str(model.device),
                             "dtype": str(model.dtype).split(".")[-1]}, model_dir, data_files)
     supervised = sum(int(ex.supervised.sum()) for ex in train_set)
     tokens = sum(len(ex.tokens) for ex in train_set)
-    kind = "DoRA" if spec.dora else "LoRA"
-    log(f"Training {len(spec.modules())} {kind} modules (rank {spec.rank}, scale {spec.scale:g}) on the top "
-        f"{spec.num_layers} blocks; {len(train_set)} rows, {tokens} tokens, "
-        f"{100 * supervised / tokens:.0f}% supervised")
+    weights, trained, trained_bytes = engine.sizes(model)
+    what = (f"every weight of the top {spec.num_layers} blocks (full fine-tuning)" if spec.full else
+            f"{len(spec.modules())} {'DoRA' if spec.dora else 'LoRA'} modules (rank "
+            f"{spec.rank}, scale {spec.scale:g}) on the top {spec.num_layers} blocks")
+    log(f"Training {what}; {len(train_set)} rows, {tokens} tokens, {100 * supervised / tokens:.0f}% supervised")
+    log(f"Memory: weights {weights / 1e6:,.0f} MB; {trained / 1e6:,.2f}M trained values ({trained_bytes / 1e6:,.0f} "
+        f"MB), their gradients {trained_bytes / 1e6:,.0f} MB and optimizer state about "
+        f"{_optimizer_bytes(opts, trained_bytes) / 1e6:,.0f} MB; activations come on top")
     clip = f", gradients clipped to norm {opts.max_grad_norm:g}" if opts.max_grad_norm is not None else ""
     settings = _optimizer(opts)[1]
     decay = f" (weight decay {settings['weight_decay']:g})" if opts.optimizer == "adamw" else ""
@@ -447,6 +453,17 @@ def _train(engine, model, model_dir, opts, resume_from, log):
         log(f"Saving: {line}")
     train_loop(engine, model, train_set, valid_set, opts, run_dir, log=log, resume=resume,
                vocab_size=config.get("vocab_size"), record={"data": _hashes(data_files)})
+    if spec.full:   # the whole model, ready for transformers, mlx-lm, export and LM Studio
+        from tunelab.fuse import write_model
+
+        with atomic.atomic_dir(run_dir / MODEL) as tmp:
+            write_model(engine, model, tmp, {"base_model": opts.model, "fine_tuned": str(run_dir)})
+        log(f"Saved the fine-tuned model to {run_dir / MODEL}")
+
+
+def _optimizer_bytes(opts, trained_bytes):
+    """Bytes of optimizer state for `trained_bytes` of trained tensors: Adam keeps two moments a value."""
+    return 2 * trained_bytes
 
 
 def _mask_prompt(opts, log):
@@ -490,15 +507,20 @@ def _check_resumable(checkpoint, opts):
                          " and a new --adapter-path"])
 
 
-def _start_weights(path):
-    """The adapter tensors of --resume-adapter-file (either layout, its adapter_config.json beside it)."""
+def _start_weights(path, spec):
+    """The adapter tensors of --resume-adapter-file (either layout, its adapter_config.json beside it), of the
+    fine-tune type the run trains."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--resume-adapter-file {path}: file not found")
     if path.name not in (adapters.PEFT_WEIGHTS, adapters.MLX_WEIGHTS):
         raise UserError(f"--resume-adapter-file {path}: expected {adapters.MLX_WEIGHTS} or {adapters.PEFT_WEIGHTS} "
                         f"with its {adapters.CONFIG} beside it")
-    return adapters.load(path.parent)[1]
+    saved, tensors = adapters.load(path.parent)
+    if saved.kind != spec.kind:
+        raise UserError(f"--resume-adapter-file {path}: a {saved.kind} fine-tune, but this run trains {spec.kind}: "
+                        f"pass --fine-tune-type {saved.kind}")
+    return tensors
 
 
 def lora(opts, log=print):
@@ -511,7 +533,8 @@ def lora(opts, log=print):
         tested_adapter = opts.adapter_path if opts.test and not opts.train else None  # '' = the base model
         quantize = (opts.quantize, opts.q_group_size) if opts.quantize else None
         engine, model, model_dir = engines.load(opts.model, tested_adapter, opts.device, opts.dtype, log=log,
-                                                engine=opts.engine, quantize=quantize, training=opts.train)
+                                                engine=opts.engine, quantize=quantize,
+                                                training=opts.train and opts.fine_tune_type != "full")
         if opts.chat_template:
             set_chat_template(model.tokenizer, opts.chat_template)
         if opts.train:

@@ -287,3 +287,70 @@ def test_dora_from_the_command_line_and_what_export_does_with_it(tiny_llama, tmp
     assert not main(["export", "--model", str(tiny_llama), "--adapter-path", "run-mlx", "--outtype", "f32",
                      "--out", "merged.gguf"])
     assert (tmp_path / "merged.gguf").is_file()
+
+
+def test_full_fine_tuning_steps_are_the_same_on_both_engines(tiny_model):
+    spec = adapters.spec_for(1, 2, 0, 0.0, 0.0, kind="full")
+    t, m = pair(tiny_model)
+    torch_engine.attach_lora(t, spec)
+    mlx.attach_lora(m, spec)
+    batch = batch_for(t)
+    ours, theirs = torch_engine.make_optimizer(t, 1e-3), mlx.make_optimizer(m, 1e-3)
+    for _ in range(3):
+        step_t, step_m = torch_engine.train_step(t, ours, batch), mlx.train_step(m, theirs, batch)
+        assert step_m.loss == pytest.approx(step_t.loss, rel=1e-5)
+        assert step_m.grad_norm == pytest.approx(step_t.grad_norm, rel=1e-4)
+    after_t, after_m = torch_engine.adapter_tensors(t), mlx.adapter_tensors(m)
+    assert after_t.keys() == after_m.keys()
+    for name, value in after_t.items():
+        np.testing.assert_allclose(after_m[name], value, rtol=0, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("engine_name", ["torch", "mlx"])
+def test_a_full_fine_tune_from_the_command_line_is_a_model_every_tool_loads(tiny_llama, tmp_path, engine_name,
+                                                                          capsys):
+    """`lora --fine-tune-type full` writes mlx-lm's adapter layout and a whole model folder; transformers and
+    mlx-lm load that folder, mlx-lm loads the adapter onto the base itself, and lora --test, fuse and export
+    take the run folder."""
+    import mlx.core as mx
+    import torch
+    from mlx_lm import load as mlx_lm_load
+    from transformers import AutoModelForCausalLM
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS * 4)
+    write_jsonl(tmp_path / "data" / "valid.jsonl", ROWS)
+    write_jsonl(tmp_path / "data" / "test.jsonl", ROWS)
+    run = tmp_path / "run"
+    assert not main(["lora", "--train", "--test", "--engine", engine_name, "--model", str(tiny_llama), "--data",
+                     str(tmp_path / "data"), "--fine-tune-type", "full", "--iters", "4", "--num-layers", "1",
+                     "--learning-rate", "1e-3", "--steps-per-report", "2", "--adapter-path", str(run)])
+    out = capsys.readouterr().out
+    assert "every weight of the top 1 blocks (full fine-tuning)" in out and "Memory: weights" in out
+    assert not (run / adapters.PEFT_WEIGHTS).exists()
+    assert json.loads((run / adapters.CONFIG).read_text())["fine_tune_type"] == "full"
+    spec, tensors = adapters.load(run)
+    t = load(torch_engine, tiny_llama)
+    torch_engine.set_adapter(t, spec, tensors)
+    tokens = batch_for(t).tokens
+    expected = torch_engine.logits(t, tokens)
+    assert not np.allclose(expected, torch_engine.logits(load(torch_engine, tiny_llama), tokens), atol=1e-4)
+    with torch.no_grad():
+        folder = AutoModelForCausalLM.from_pretrained(str(run / "model"), dtype=torch.float32)
+        np.testing.assert_allclose(folder(input_ids=torch.from_numpy(tokens)).logits.numpy(), expected, rtol=0,
+                                   atol=1e-5 * scale_of(expected))
+    for path, adapter in ((run / "model", None), (tiny_llama, run)):   # the folder; the base + mlx-lm's adapter
+        model, _ = mlx_lm_load(str(path), adapter_path=str(adapter) if adapter else None)
+        model.set_dtype(mx.float32)
+        np.testing.assert_allclose(np.array(model(mx.array(tokens)).astype(mx.float32)), expected, rtol=0,
+                                   atol=1e-5 * scale_of(expected))
+    assert not main(["lora", "--test", "--model", str(tiny_llama), "--data", str(tmp_path / "data"),
+                     "--adapter-path", str(run)])
+    assert not main(["fuse", "--model", str(tiny_llama), "--adapter-path", str(run), "--save-path",
+                     str(tmp_path / "fused")])
+    np.testing.assert_allclose(torch_engine.logits(load(torch_engine, tmp_path / "fused"), tokens), expected,
+                               rtol=0, atol=1e-5 * scale_of(expected))
+    assert not main(["export", "--model", str(tiny_llama), "--adapter-path", str(run), "--outtype", "f32",
+                     "--out", str(tmp_path / "full.gguf")])
+    assert main(["export", "--model", str(tiny_llama), "--adapter-path", str(run), "--to", "gguf-lora",
+                 "--out", str(tmp_path / "lora.gguf")]) == 2
+    assert "a full fine-tune" in capsys.readouterr().err

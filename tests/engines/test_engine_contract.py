@@ -196,7 +196,7 @@ def test_gradient_accumulation_equals_one_batch_of_every_row(engine, tiny_model)
 def with_dora(engine, folder, seed=0):
     """A DoRA adapter on the top block with B and the magnitudes moved away from their start."""
     model = load(engine, folder)
-    spec = adapters.spec_for(1, 2, 4, 2.0, 0.0, dora=True)
+    spec = adapters.spec_for(1, 2, 4, 2.0, 0.0, kind="dora")
     engine.attach_lora(model, spec, seed=seed)
     gen = np.random.default_rng(seed)
     tensors = {m: (a, gen.standard_normal(b.shape).astype(np.float32) * 0.2,
@@ -210,7 +210,7 @@ def test_fresh_dora_reproduces_base_logits_and_its_files_round_trip(engine, tiny
     base = load(engine, tiny_model)
     tokens = batch_for(base).tokens
     fresh = load(engine, tiny_model)
-    engine.attach_lora(fresh, adapters.spec_for(1, 2, 4, 2.0, 0.0, dora=True))
+    engine.attach_lora(fresh, adapters.spec_for(1, 2, 4, 2.0, 0.0, kind="dora"))
     magnitudes = [t[2] for t in engine.adapter_tensors(fresh).values()]
     assert len(magnitudes) == 7 and all(m.ndim == 1 for m in magnitudes)
     np.testing.assert_allclose(engine.logits(fresh, tokens), engine.logits(base, tokens), rtol=0, atol=1e-5)
@@ -392,3 +392,51 @@ def test_adamw_decays_the_adapter_weights(engine, tiny_model):
     start, _ = with_adapter(engine, tiny_model)
     for module, (a, b) in engine.adapter_tensors(start).items():   # (1 - lr * decay) on top of Adam's step
         np.testing.assert_allclose(after[0.5][module][1], after[0.0][module][1] - 1e-2 * 0.5 * b, rtol=1e-5, atol=1e-6)
+
+
+def full_tune(engine, folder, num_layers=1, steps=5, learning_rate=1e-2):
+    """A model whose top `num_layers` blocks were fully fine-tuned for `steps` steps."""
+    model = load(engine, folder)
+    spec = adapters.spec_for(num_layers, 2, 0, 0.0, 0.0, kind="full")
+    engine.attach_lora(model, spec)
+    optimizer = engine.make_optimizer(model, learning_rate)
+    losses = [engine.train_step(model, optimizer, batch_for(model)).loss for _ in range(steps)]
+    return model, spec, losses
+
+
+def test_full_fine_tuning_trains_every_weight_of_its_blocks_and_nothing_else(engine, tiny_model):
+    base = load(engine, tiny_model)
+    tokens = batch_for(base).tokens
+    spec = adapters.spec_for(1, 2, 0, 0.0, 0.0, kind="full")
+    engine.attach_lora(base, spec)
+    start = engine.adapter_tensors(base)
+    assert start and all(name.startswith("model.layers.1.") for name in start)
+    _, trained_values, _ = engine.sizes(base)
+    assert trained_values == sum(v.size for v in start.values())
+    assert {n.split(".", 3)[3] for n in start} >= {"self_attn.q_proj.weight", "mlp.down_proj.weight",
+                                                   "input_layernorm.weight"}
+    model, _, losses = full_tune(engine, tiny_model)
+    assert losses[-1] < losses[0] * 0.8
+    trained = engine.adapter_tensors(model)
+    assert trained.keys() == start.keys() and any(not np.array_equal(trained[n], start[n]) for n in start)
+    # the trained blocks' starting weights put back: the base model again, so no other weight moved
+    engine.set_adapter(model, spec, start)
+    np.testing.assert_array_equal(engine.logits(model, tokens), engine.logits(load(engine, tiny_model), tokens))
+
+
+def test_a_full_fine_tune_round_trips_through_its_files_and_fuses(engine, tiny_model, tmp_path):
+    model, spec, _ = full_tune(engine, tiny_model)
+    tokens = batch_for(model).tokens
+    expected = engine.logits(model, tokens)
+    adapters.save(tmp_path / "run", spec, engine.adapter_tensors(model))
+    assert not (tmp_path / "run" / adapters.PEFT_WEIGHTS).exists()
+    loaded_spec, tensors = adapters.load(tmp_path / "run")
+    assert loaded_spec.full and loaded_spec.layers == [1] and loaded_spec.kind == "full"
+    again = load(engine, tiny_model)
+    engine.set_adapter(again, loaded_spec, tensors)
+    np.testing.assert_array_equal(engine.logits(again, tokens), expected)
+    engine.fuse(again, tmp_path / "fused")
+    np.testing.assert_allclose(engine.logits(load(engine, tmp_path / "fused"), tokens), expected, rtol=0, atol=1e-5)
+    with pytest.raises(UserError, match="shape"):
+        engine.set_adapter(load(engine, tiny_model), loaded_spec,
+                           {n: v[..., :1] if v.ndim == 2 else v for n, v in tensors.items()})

@@ -30,11 +30,11 @@ def batch_for(model, mask_prompt=True, rows=ROWS):
     return collate([encode_row(model.tokenizer, r, "chat", mask_prompt) for r in rows])
 
 
-def with_adapter(folder, seed=0, randomize_b=True, dtype="float32", num_layers=1, dora=False):
+def with_adapter(folder, seed=0, randomize_b=True, dtype="float32", num_layers=1, dora=False, full=False):
     model = engine.load(folder, device="cpu", dtype=dtype, log=lambda *_: None)
-    spec = adapters.spec_for(num_layers, 2, 4, 2.0, 0.0, dora=dora)
+    spec = adapters.spec_for(num_layers, 2, 4, 2.0, 0.0, kind="full" if full else "dora" if dora else "lora")
     engine.attach_lora(model, spec, seed=seed)
-    if randomize_b:  # fresh adapters have B = 0; make them do something
+    if randomize_b and not full:  # fresh adapters have B = 0; make them do something
         gen = np.random.default_rng(seed)
         tensors = {m: (w[0], gen.standard_normal(w[1].shape).astype(np.float32) * 0.2) + w[2:]
                    for m, w in engine.adapter_tensors(model).items()}
@@ -148,13 +148,13 @@ def test_prefix_cache_spills_to_disk_past_its_memory_budget(tiny_model, tmp_path
 
 
 def losses_and_gradients(folder, lean, dtype="float32", num_layers=2, dora=False, mask_prompt=True, packed=False,
-                         rows=ROWS):
+                         rows=ROWS, full=False):
     """Per-token losses and every trained tensor's gradient for one batch of rows (ROWS: three lengths,
     the same first 38 positions); packed: the adapted blocks' and the output layer's frozen weights
     laid out for oneDNN."""
     from tunelab.engines.torch_engine import blocks
 
-    model, _ = with_adapter(folder, dtype=dtype, num_layers=num_layers, dora=dora)
+    model, _ = with_adapter(folder, dtype=dtype, num_layers=num_layers, dora=dora, full=full)
     assert model.lean
     model.lean = lean
     if packed:
@@ -171,14 +171,16 @@ def losses_and_gradients(folder, lean, dtype="float32", num_layers=2, dora=False
 
 
 @pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("num_layers,dora,mask_prompt", [(1, False, True), (2, False, True), (2, False, False),
-                                                         (2, True, True)])
-def test_lean_blocks_give_transformers_losses_and_gradients(tiny_model, monkeypatch, num_layers, dora, mask_prompt,
+@pytest.mark.parametrize("num_layers,kind,mask_prompt", [(1, "lora", True), (2, "lora", True), (2, "lora", False),
+                                                         (2, "dora", True), (1, "full", True), (2, "full", False)])
+def test_lean_blocks_give_transformers_losses_and_gradients(tiny_model, monkeypatch, num_layers, kind, mask_prompt,
                                                             shared):
     """blocks.py (top block at supervised positions only, head loss as one function) against the plain
-    forward of transformers: one adapted block (frozen-prefix cache) or both, LoRA and DoRA, padded
-    rows; the rows' common first positions computed once, or in every row. Without mask_prompt the
-    shared positions are supervised too, the last of them against a different target in each row."""
+    forward of transformers: one adapted block (frozen-prefix cache) or both, LoRA, DoRA and full
+    fine-tuning, padded rows; the rows' common first positions computed once, or in every row. Without
+    mask_prompt the shared positions are supervised too, the last of them against a different target in
+    each row."""
+    dora, full = kind == "dora", kind == "full"
     from tunelab.engines.torch_engine import blocks
 
     batch = batch_for(load(tiny_model), mask_prompt)
@@ -189,12 +191,14 @@ def test_lean_blocks_give_transformers_losses_and_gradients(tiny_model, monkeypa
     taken = []
     pack = blocks._pack
     monkeypatch.setattr(blocks, "_pack", lambda hidden, common: taken.append(common) or pack(hidden, common))
-    lean = losses_and_gradients(tiny_model, True, num_layers=num_layers, dora=dora, mask_prompt=mask_prompt)
+    lean = losses_and_gradients(tiny_model, True, num_layers=num_layers, dora=dora, mask_prompt=mask_prompt, full=full)
     assert taken == ([38] * (3 - num_layers) if shared else [])   # the prefix fill and the loss, or the loss
-    plain = losses_and_gradients(tiny_model, False, num_layers=num_layers, dora=dora, mask_prompt=mask_prompt)
+    plain = losses_and_gradients(tiny_model, False, num_layers=num_layers, dora=dora, mask_prompt=mask_prompt,
+                                 full=full)
     np.testing.assert_allclose(lean[0], plain[0], rtol=1e-5)
     np.testing.assert_array_equal(lean[1], plain[1])
-    assert lean[2].keys() == plain[2].keys() and len(plain[2]) >= 2 * 7 * num_layers
+    # LoRA: A and B of 7 layers a block; full: their 7 weights and 2 norms
+    assert lean[2].keys() == plain[2].keys() and len(plain[2]) >= (9 if full else 14) * num_layers
     for name, grad in plain[2].items():
         assert np.abs(grad).max() > 0, name
         np.testing.assert_allclose(lean[2][name], grad, rtol=1e-4, atol=1e-5 * np.abs(grad).max(), err_msg=name)

@@ -45,7 +45,7 @@ def options(model, data, run, **changes):
 
 def outcome(run):
     """(adapter tensors, logged losses) of a finished run."""
-    tensors = load_file(str(Path(run) / adapters.PEFT_WEIGHTS))
+    tensors = load_file(str(Path(run) / adapters.MLX_WEIGHTS))
     lines = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
     losses = [(m["step"], m.get("train_loss"), m.get("val_loss")) for m in lines]
     return tensors, losses
@@ -94,7 +94,8 @@ def references(tiny_llama, data, tmp_path_factory):
     settings = {"plain": {}, "accumulation": {"grad_accumulation_steps": 2, "iters": 20},
                 "dropout": {"lora_dropout": 0.2, "iters": 20},
                 "schedule": {"lr_schedule": "cosine", "warmup": 3, "max_grad_norm": 0.5, "optimizer": "adamw",
-                             "epochs": 2}}
+                             "epochs": 2},
+                "full": {"fine_tune_type": "full", "iters": 20}}
     for name, changes in settings.items():
         train.lora(options(tiny_llama, data, root / name, **changes), log=quiet)
     return root, settings
@@ -106,6 +107,7 @@ def references(tiny_llama, data, tmp_path_factory):
     ("accumulation", 13, 10, True),    # dies between the two micro-batches of step 13
     ("dropout", 9, 5, False),          # dropout masks come from the restored random state
     ("schedule", 14, 10, False),       # warm-up, cosine decay, clipping and AdamW, the length set by --epochs
+    ("full", 9, 5, False),             # full fine-tuning: the block's weights and their Adam state
 ])
 def test_crash_then_resume_is_bit_identical(tiny_llama, data, tmp_path, monkeypatch, references, setting, call,
                                             resumed_at, mid):

@@ -32,6 +32,9 @@ def check_options(opts, out):
     elif opts.to == "gguf-lora" and adapters.load(opts.adapter_path)[0].dora:
         problems.append(f"--to gguf-lora: {opts.adapter_path} is a DoRA adapter, whose magnitudes rescale whole weight "
                         "rows, which a llama.cpp LoRA file cannot hold; export the merged model with --to gguf")
+    elif opts.to == "gguf-lora" and adapters.load(opts.adapter_path)[0].full:
+        problems.append(f"--to gguf-lora: {opts.adapter_path} is a full fine-tune, whole weights rather than a "
+                        "low-rank adapter; export the model with --to gguf")
     if out.suffix != ".gguf":
         problems.append(f"--out {out}: the file name should end in .gguf")
     if out.exists() and not opts.overwrite:
@@ -81,7 +84,7 @@ def export(opts, log=print):
     config = models.read_config(model_dir)
     arch = gguf_file.check_architecture(config, model_dir)
     if adapter is not None:
-        gguf_file.check_adapter_fits(model_dir, config, adapter[1], opts.adapter_path)
+        gguf_file.check_adapter_fits(model_dir, config, adapter[1], opts.adapter_path, full=adapter[0].full)
     name = opts.name or out.stem
     modelfile = out.with_suffix(".Modelfile") if opts.ollama else None
     modelfile_text = _modelfile_text(opts, model_dir, out, modelfile) if opts.ollama else None

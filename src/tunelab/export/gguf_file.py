@@ -90,7 +90,14 @@ def check_architecture(config, where):
 
 def merge_adapter(weights, spec, tensors):
     """Fuse adapter tensors into float32 weights in place, as `fuse` does: W + scale * B @ A, and for DoRA
-    that scaled row by row to the trained magnitude M: M / ||W + scale B A|| (norm over each row)."""
+    that scaled row by row to the trained magnitude M: M / ||W + scale B A|| (norm over each row). A full
+    fine-tune's weights replace the base's."""
+    if spec.full:
+        for name, value in tensors.items():
+            if name not in weights:
+                raise UserError(f"the fine-tune has {name}, which the model does not have: trained on another base?")
+            weights[name] = np.asarray(value, np.float32)
+        return
     for module, (a, b, *magnitude) in tensors.items():
         name = f"{module}.weight"
         if name not in weights:
@@ -106,14 +113,20 @@ def _layer_of(module):
     return int(parts[2]) if parts[:2] == ["model", "layers"] and len(parts) > 2 and parts[2].isdigit() else None
 
 
-def check_adapter_fits(model_dir, config, tensors, adapter_path):
+def check_adapter_fits(model_dir, config, tensors, adapter_path, full=False):
     """UserError unless every adapter module adapts a weight the base model has, on a layer it has, with
     A [r, in] and B [out, r] (and DoRA's M [out]) of that weight's [out, in] shape (read from its safetensors
-    headers). Names the first module that does not fit, in layer order."""
+    headers); for a full fine-tune (`full`), unless each weight is one of the base's, of its shape. Names the
+    first module that does not fit, in layer order."""
     shapes = models.weight_shapes(model_dir)
     n_layers = config.get("num_hidden_layers")
     problems = []
-    for module in sorted(tensors, key=lambda m: (_layer_of(m) if _layer_of(m) is not None else -1, m)):
+    if full:
+        problems = [f"{adapter_path}: fine-tuned weight {name} {np.shape(value)}: the base model {model_dir} has "
+                    + (f"it as {shapes[name]}" if name in shapes else "no such weight")
+                    for name, value in sorted(tensors.items()) if shapes.get(name) != np.shape(value)]
+    for module in sorted(tensors if not full else (),
+                         key=lambda m: (_layer_of(m) if _layer_of(m) is not None else -1, m)):
         a, b, *magnitude = (np.shape(x) for x in tensors[module])
         weight, layer = f"{module}.weight", _layer_of(module)
         where = f"{adapter_path}: adapter module {module}"

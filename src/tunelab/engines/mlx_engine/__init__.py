@@ -195,7 +195,8 @@ def _get(module, dotted):
 
 def attach_lora(m, spec, seed=0):
     """Replace spec's linear layers with LoRA layers (A uniform in +-1/sqrt(in), B zero: PEFT's
-    Kaiming-uniform bound), scale = spec.scale. Only the adapters train."""
+    Kaiming-uniform bound), scale = spec.scale. Only the adapters train; for a full fine-tune
+    (spec.full), every weight of spec's blocks does, as mlx-lm's `fine_tune_type: full`."""
     from mlx_lm.tuner.dora import DoRALinear
     from mlx_lm.tuner.lora import LoRALinear
 
@@ -203,6 +204,9 @@ def attach_lora(m, spec, seed=0):
     mx.random.seed(seed)
     m.seed, m.steps = seed, 0
     m.model.freeze()
+    if spec.full:
+        _attach_full(m, spec)
+        return
     layers = m.model.layers
     missing = []
     for module in spec.modules():
@@ -232,6 +236,34 @@ def attach_lora(m, spec, seed=0):
         m.prefix = PrefixCache(first)
 
 
+def _attach_full(m, spec):
+    layers = m.model.layers
+    if m.quantized:
+        raise UserError("full fine-tuning trains the weights themselves, which a quantized base cannot: leave "
+                        "--quantize out, or use --fine-tune-type lora")
+    if max(spec.layers) >= len(layers):
+        raise UserError(f"the model has {len(layers)} blocks; the fine-tune trains block {max(spec.layers)}")
+    for i in spec.layers:
+        layers[i].unfreeze()
+    m.spec = spec
+    first = min(spec.layers)
+    if first > 0 and getattr(m.model.args, "model_type", "") in PREFIX_CACHE_MODELS:
+        m.prefix = PrefixCache(first)
+
+
+def _full_weights(m):
+    """{name: array} of the weights a full fine-tune trains (every one of its blocks')."""
+    blocks = tuple(f"model.layers.{i}." for i in m.spec.layers)
+    return {n: v for n, v in tree_flatten(m.model.parameters()) if n.startswith(blocks)}
+
+
+def sizes(m):
+    """(bytes of all weights, number of trained values, bytes of the trained arrays)."""
+    every = [v for _, v in tree_flatten(m.model.parameters())]
+    trained = [v for _, v in tree_flatten(m.model.trainable_parameters())]
+    return sum(v.nbytes for v in every), sum(v.size for v in trained), sum(v.nbytes for v in trained)
+
+
 def _lora_modules(m):
     """{module path inside the causal LM: mlx-lm LoRALinear or DoRALinear}."""
     from mlx_lm.tuner.dora import DoRALinear
@@ -244,6 +276,13 @@ def set_adapter(m, spec, tensors):
     """Attach adapters (if not yet) and load numpy (A [r, in], B [out, r]) tensors into them."""
     if m.spec is None:
         attach_lora(m, spec)
+    if spec.full:
+        pairs = adapters.pair_with_weights(tensors, _full_weights(m))
+        names = {id(weight): name for name, weight in _full_weights(m).items()}
+        m.model.load_weights([(names[id(weight)], mx.array(np.asarray(array)).astype(weight.dtype))
+                              for weight, array in pairs], strict=False)
+        mx.eval(m.model.parameters())
+        return
 
     def shapes(layer):
         return [layer.lora_a.shape[::-1], layer.lora_b.shape[::-1]] + ([layer.m.shape] if m.spec.dora else [])
@@ -257,6 +296,9 @@ def set_adapter(m, spec, tensors):
 
 
 def adapter_tensors(m):
+    if m.spec.full:
+        return {n: np.array(v.astype(mx.float32)) for n, v in _full_weights(m).items()}
+
     def arrays(layer):
         out = (np.array(layer.lora_a.astype(mx.float32)).T.copy(), np.array(layer.lora_b.astype(mx.float32)).T.copy())
         return out + ((np.array(layer.m.astype(mx.float32)),) if m.spec.dora else ())

@@ -193,12 +193,16 @@ def _lora_config(spec):
 
 
 def attach_lora(m, spec, seed=0):
-    """Wrap the model with fresh LoRA layers (A Kaiming-uniform, B zero) on spec's modules."""
+    """Wrap the model with fresh LoRA layers (A Kaiming-uniform, B zero) on spec's modules; for a full
+    fine-tune (spec.full), make every weight of spec's blocks trainable instead."""
     from peft import get_peft_model
 
     torch.manual_seed(seed)
     for p in m.model.parameters():
         p.requires_grad_(False)
+    if spec.full:
+        _attach_full(m, spec)
+        return
     def no_module(missing):
         return UserError(f"the model has no module {missing[0]} to adapt ({len(missing)} missing); "
                          "check --lora-keys and --num-layers")
@@ -218,6 +222,34 @@ def attach_lora(m, spec, seed=0):
     config = _base_lm(m).config
     if first > 0 and not getattr(config, "attention_dropout", 0.0):
         m.prefix = PrefixCache(first)
+
+
+def _attach_full(m, spec):
+    layers = _base_lm(m).model.layers
+    if max(spec.layers) >= len(layers):
+        raise UserError(f"the model has {len(layers)} blocks; the fine-tune trains block {max(spec.layers)}")
+    for i in spec.layers:
+        layers[i].requires_grad_(True)
+    m.spec = spec
+    m.graphs = None
+    m.training = None
+    first = min(spec.layers)
+    if first > 0 and not getattr(_base_lm(m).config, "attention_dropout", 0.0):
+        m.prefix = PrefixCache(first)
+
+
+def _full_weights(m):
+    """{name: tensor} of the weights a full fine-tune trains (every one of its blocks')."""
+    blocks_ = tuple(f"model.layers.{i}." for i in m.spec.layers)
+    return {n: p for n, p in _base_lm(m).named_parameters() if n.startswith(blocks_)}
+
+
+def sizes(m):
+    """(bytes of all weights, number of trained values, bytes of the trained tensors)."""
+    params = list(m.model.parameters())
+    trained = [p for p in params if p.requires_grad]
+    return (sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in trained),
+            sum(p.numel() * p.element_size() for p in trained))
 
 
 def savings(m, rows, tokens, common=0):
@@ -270,9 +302,15 @@ def _lora_modules(m):
 
 
 def set_adapter(m, spec, tensors):
-    """Attach adapters (if not yet) and load numpy (A [r, in], B [out, r]) tensors into them."""
+    """Attach adapters (if not yet) and load numpy (A [r, in], B [out, r]) tensors into them; for a full
+    fine-tune, load {weight name: array} into the model's weights."""
     if m.spec is None:
         attach_lora(m, spec)
+    if spec.full:
+        with torch.no_grad():
+            for weight, array in adapters.pair_with_weights(tensors, _full_weights(m)):
+                weight.copy_(torch.from_numpy(np.asarray(array)))
+        return
 
     pairs = adapters.pair_with_layers(tensors, _lora_modules(m),
                                       lambda layer: [w.shape for w in _adapter_weights(m, layer)])
@@ -291,6 +329,8 @@ def _adapter_weights(m, layer):
 
 
 def adapter_tensors(m):
+    if m.spec.full:
+        return {n: p.detach().float().cpu().numpy().copy() for n, p in _full_weights(m).items()}
     return {module: tuple(w.detach().float().cpu().numpy().copy() for w in _adapter_weights(m, layer))
             for module, layer in _lora_modules(m).items()}
 
