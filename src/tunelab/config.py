@@ -108,10 +108,11 @@ class LoraOptions:
     learning_rate: float = opt(1e-5, "Learning rate (the peak, with --lr-schedule and --warmup).")
     epochs: int = opt(None, "Passes over train.jsonl, instead of --iters: the run takes epochs x its batches an "
                       "epoch (rows / batch size, rounded up, / --grad-accumulation-steps) steps.", kind=int)
-    optimizer: str = opt("adam", "Optimizer: adam, or adamw (Adam with decoupled weight decay).",
-                         choices=["adam", "adamw"])
-    weight_decay: float = opt(None, "AdamW's weight decay (default 0.01, as mlx-lm's and PyTorch's AdamW); adam "
-                              "takes none.", kind=float)
+    optimizer: str = opt("adam", "Optimizer, mlx-lm's: adam, adamw (Adam with decoupled weight decay), sgd, "
+                         "adafactor or muon, with MLX's updates and defaults on both engines.",
+                         choices=["adam", "adamw", "sgd", "adafactor", "muon"])
+    weight_decay: float = opt(None, "Weight decay (defaults: adamw 0.01 decoupled, muon 0.01, sgd and adafactor "
+                              "0, as MLX's); adam takes none.", kind=float)
     lr_schedule: object = opt("constant", "Learning-rate schedule: constant, cosine (to --min-lr at the last step) "
                               "or linear (likewise); a config file may give mlx-lm's lr_schedule mapping "
                               "(name, arguments, warmup, warmup_init).", kind=schedule, metavar="NAME")
@@ -121,8 +122,9 @@ class LoraOptions:
     max_grad_norm: float = opt(None, "Clip the gradients' global norm to this (default: no clipping, as mlx-lm); "
                                "the norm before clipping is logged.", kind=float)
     optimizer_config: dict = opt(None, "mlx-lm's per-optimizer settings, e.g. {adamw: {betas: [0.9, 0.98], eps: "
-                                 "1e-6, weight_decay: 0.05}} (adam and adamw: betas, eps, weight_decay, "
-                                 "bias_correction true).", kind=mapping, metavar="JSON")
+                                 "1e-6, weight_decay: 0.05}}, {sgd: {momentum: 0.9, nesterov: true}}, {adafactor: "
+                                 "{relative_step: false}}, {muon: {ns_steps: 5}}: MLX's names and defaults.",
+                                 kind=mapping, metavar="JSON")
     grad_checkpoint: bool = opt(False, "Gradient checkpointing (mlx-lm's flag): not built yet, an error when set.")
     clear_cache_threshold: int = opt(0, "mlx-lm's memory-cache threshold: only 0 (not built yet).")
     report_to: str = opt(None, "mlx-lm's experiment trackers (wandb, swanlab): not built yet, an error when set; "

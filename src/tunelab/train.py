@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tunelab import adapters, atomic, checkpoints, engines, evaluate, models, runs, schedules
+from tunelab import adapters, atomic, checkpoints, engines, evaluate, models, optimizers, runs, schedules
 from tunelab.data.batching import common_start, eval_batches, training_batches
 from tunelab.data.formats import quarantine, read_rows, scan_rows
 from tunelab.data.templates import encode_rows, set_chat_template
@@ -176,33 +176,12 @@ def _schedule(opts):
 
 
 def _optimizer(opts):
-    """(name, {weight_decay, betas, eps}) from --optimizer, --weight-decay and mlx-lm's optimizer_config; every
+    """(name, settings) from --optimizer, --weight-decay and mlx-lm's optimizer_config (optimizers.py); every
     setting tunelab cannot honour is an error naming it."""
-    settings = dict((opts.optimizer_config or {}).get(opts.optimizer) or {})
-    where = f"optimizer_config.{opts.optimizer}"
-    problems = []
-    unknown = sorted(set(settings) - {"betas", "eps", "weight_decay", "bias_correction"})
-    if unknown:
-        problems.append(f"{where}: {', '.join(unknown)}: not available (adam and adamw take betas, eps, "
-                        "weight_decay (adamw), bias_correction)")
-    if settings.pop("bias_correction", True) is not True:
-        problems.append(f"{where}.bias_correction: tunelab's Adam always corrects the bias (as PyTorch's does), "
-                        "so only true")
-    betas = settings.get("betas", [0.9, 0.999])
-    if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
-                                                                for b in betas)):
-        problems.append(f"{where}.betas: expected two numbers in [0, 1), got {betas!r}")
-    eps = settings.get("eps", 1e-8)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
-        problems.append(f"{where}.eps: expected a positive number, got {eps!r}")
-    decay = opts.weight_decay if opts.weight_decay is not None else settings.get("weight_decay")
-    if opts.optimizer == "adam" and decay:
-        problems.append("--weight-decay: Adam takes none here; pass --optimizer adamw for decoupled weight decay")
-    elif decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0):
-        problems.append(f"--weight-decay: must be 0 or more, got {decay!r}")
-    UserError.raise_if(problems)
-    decay = (0.01 if decay is None else float(decay)) if opts.optimizer == "adamw" else 0.0
-    return opts.optimizer, {"weight_decay": decay, "betas": tuple(float(b) for b in betas), "eps": float(eps)}
+    config = (opts.optimizer_config or {}).get(opts.optimizer)
+    if config is not None and not isinstance(config, dict):
+        raise UserError(f"optimizer_config.{opts.optimizer}: expected a mapping of settings, got {config!r}")
+    return opts.optimizer, optimizers.settings(opts.optimizer, config, opts.weight_decay)
 
 
 def _task_score(engine, model, rows, opts):
@@ -444,9 +423,8 @@ def _train(engine, model, model_dir, opts, resume_from, log):
         f"MB), their gradients {trained_bytes / 1e6:,.0f} MB and optimizer state about "
         f"{_optimizer_bytes(opts, trained_bytes) / 1e6:,.0f} MB; activations come on top")
     clip = f", gradients clipped to norm {opts.max_grad_norm:g}" if opts.max_grad_norm is not None else ""
-    settings = _optimizer(opts)[1]
-    decay = f" (weight decay {settings['weight_decay']:g})" if opts.optimizer == "adamw" else ""
-    log(f"Optimizer: {opts.optimizer}{decay}; learning rate: {schedules.describe(*_schedule(opts))}{clip}")
+    log(f"Optimizer: {optimizers.describe(*_optimizer(opts))}; learning rate: "
+        f"{schedules.describe(*_schedule(opts))}{clip}")
     for line in engine.savings(model, len(train_set) + len(valid_set),
                                tokens + sum(len(ex.tokens) for ex in valid_set),
                                common_start([ex.tokens for ex in train_set])):
@@ -462,8 +440,14 @@ def _train(engine, model, model_dir, opts, resume_from, log):
 
 
 def _optimizer_bytes(opts, trained_bytes):
-    """Bytes of optimizer state for `trained_bytes` of trained tensors: Adam keeps two moments a value."""
-    return 2 * trained_bytes
+    """Bytes of optimizer state for `trained_bytes` of trained tensors, at most: Adam keeps two moments a value,
+    SGD with momentum and Muon one, Adafactor a row and a column a matrix (counted here as one value each)."""
+    name, values = _optimizer(opts)
+    if name in ("adam", "adamw"):
+        return 2 * trained_bytes
+    if name == "adafactor":
+        return trained_bytes if values["beta_1"] is not None else 0
+    return trained_bytes if values.get("momentum") else 0
 
 
 def _mask_prompt(opts, log):

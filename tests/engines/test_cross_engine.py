@@ -354,3 +354,38 @@ def test_a_full_fine_tune_from_the_command_line_is_a_model_every_tool_loads(tiny
     assert main(["export", "--model", str(tiny_llama), "--adapter-path", str(run), "--to", "gguf-lora",
                  "--out", str(tmp_path / "lora.gguf")]) == 2
     assert "a full fine-tune" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, settings", [
+    ("sgd", {}),
+    ("sgd", {"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01}),
+    ("sgd", {"momentum": 0.9, "nesterov": True}),
+    ("adafactor", {}),                                         # relative steps: the learning rate is not used
+    ("adafactor", {"relative_step": False, "beta_1": 0.9, "weight_decay": 0.01, "scale_parameter": False}),
+    ("adafactor", {"warmup_init": True, "clip_threshold": 0.5}),
+    ("muon", {}),
+    ("muon", {"nesterov": False, "momentum": 0.8, "ns_steps": 3}),
+])
+def test_every_optimizer_makes_mlx_s_updates_on_both_engines(tiny_model, name, settings):
+    """mlx-lm's optimizers with MLX's settings: the torch engine's own SGD, Adafactor and Muon take the steps
+    MLX's take, LoRA (vectors and matrices) and full fine-tuning (norm weights too)."""
+    for spec in (adapters.spec_for(-1, 2, 4, 2.0, 0.0), adapters.spec_for(1, 2, 0, 0.0, 0.0, kind="full")):
+        t, m = pair(tiny_model, None if spec.full else spec)
+        if spec.full:
+            torch_engine.attach_lora(t, spec)
+            mlx.attach_lora(m, spec)
+        batch = batch_for(t)
+        ours = torch_engine.make_optimizer(t, 1e-2, name, **settings)
+        theirs = mlx.make_optimizer(m, 1e-2, name, **settings)
+        start = torch_engine.adapter_tensors(t)
+        for _ in range(3):
+            step_t, step_m = torch_engine.train_step(t, ours, batch), mlx.train_step(m, theirs, batch)
+            assert step_m.loss == pytest.approx(step_t.loss, rel=1e-5)
+        after_t, after_m = torch_engine.adapter_tensors(t), mlx.adapter_tensors(m)
+        moved = 0
+        for key, value in after_t.items():
+            for ours_, theirs_, before in zip(*(x if isinstance(x, tuple) else (x,)
+                                                for x in (value, after_m[key], start[key]))):
+                np.testing.assert_allclose(theirs_, ours_, rtol=1e-4, atol=1e-6, err_msg=f"{spec.kind} {key}")
+                moved += not np.array_equal(ours_, before)
+        assert moved >= len(after_t)

@@ -381,7 +381,7 @@ def test_adamw_decays_the_adapter_weights(engine, tiny_model):
     after = {}
     for decay in (0.0, 0.5):
         model, _ = with_adapter(engine, tiny_model)
-        optimizer = engine.make_optimizer(model, 1e-2, "adamw", decay)
+        optimizer = engine.make_optimizer(model, 1e-2, "adamw", weight_decay=decay)
         engine.train_step(model, optimizer, batch_for(model))
         after[decay] = engine.adapter_tensors(model)
     model, _ = with_adapter(engine, tiny_model)

@@ -95,7 +95,10 @@ def references(tiny_llama, data, tmp_path_factory):
                 "dropout": {"lora_dropout": 0.2, "iters": 20},
                 "schedule": {"lr_schedule": "cosine", "warmup": 3, "max_grad_norm": 0.5, "optimizer": "adamw",
                              "epochs": 2},
-                "full": {"fine_tune_type": "full", "iters": 20}}
+                "full": {"fine_tune_type": "full", "iters": 20},
+                "muon": {"optimizer": "muon", "iters": 20},
+                "adafactor": {"optimizer": "adafactor", "optimizer_config": {"adafactor": {"beta_1": 0.9}},
+                              "iters": 20}}
     for name, changes in settings.items():
         train.lora(options(tiny_llama, data, root / name, **changes), log=quiet)
     return root, settings
@@ -108,6 +111,8 @@ def references(tiny_llama, data, tmp_path_factory):
     ("dropout", 9, 5, False),          # dropout masks come from the restored random state
     ("schedule", 14, 10, False),       # warm-up, cosine decay, clipping and AdamW, the length set by --epochs
     ("full", 9, 5, False),             # full fine-tuning: the block's weights and their Adam state
+    ("muon", 9, 5, False),             # the other optimizers' state: momentum, factored second moments
+    ("adafactor", 9, 5, False),
 ])
 def test_crash_then_resume_is_bit_identical(tiny_llama, data, tmp_path, monkeypatch, references, setting, call,
                                             resumed_at, mid):

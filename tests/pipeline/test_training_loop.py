@@ -210,11 +210,15 @@ def test_more_layers_than_the_model_has_is_an_error(tiny_llama, data, tmp_path, 
     ("hf_dataset: {path: billsum}", "--hf-dataset: lora reads data folders"),
     ("clear_cache_threshold: 2", "--clear-cache-threshold: only 0"),
     ("fine_tune_type: full\nquantize: 4\nengine: mlx", "--fine-tune-type full trains the weights themselves"),
-    ("optimizer: sgd", "optimizer: 'sgd' is not one of adam, adamw"),
+    ("optimizer: lion", "optimizer: 'lion' is not one of adam, adamw, sgd, adafactor, muon"),
     ("optimizer_config: {adam: {bias_correction: false}}", "bias_correction: tunelab's Adam always corrects"),
-    ("optimizer_config: {adam: {momentum: 0.9}}", "optimizer_config.adam: momentum: not available"),
+    ("optimizer_config: {adam: {momentum: 0.9}}", "optimizer_config.adam: momentum: not a setting of adam"),
+    ("optimizer: sgd\noptimizer_config: {sgd: {nesterov: true}}", "Nesterov momentum needs a momentum above 0"),
+    ("optimizer: adafactor\noptimizer_config: {adafactor: {eps: 1e-3}}", "adafactor.eps: expected two numbers"),
+    ("optimizer: muon\noptimizer_config: {muon: {ns_steps: 0}}", "muon.ns_steps: expected a whole number"),
+    ("optimizer: muon\noptimizer_config: {muon: 3}", "optimizer_config.muon: expected a mapping"),
     ("optimizer_config: {adamw: {betas: [0.9]}}\noptimizer: adamw", "optimizer_config.adamw.betas: expected two"),
-    ("optimizer_config: {adam: {weight_decay: 0.1}}", "--weight-decay: Adam takes none here"),
+    ("optimizer_config: {adam: {weight_decay: 0.1}}", "optimizer_config.adam: weight_decay: not a setting of adam"),
 ])
 def test_mlx_lm_keys_tunelab_cannot_honour_are_named(tiny_llama, data, tmp_path, capsys, line, message):
     config = tmp_path / "c.yaml"
@@ -230,6 +234,8 @@ def test_optimizer_config_sets_betas_and_eps(tiny_llama, data, tmp_path):
     opts = replace(LoraOptions(), optimizer="adamw",
                    optimizer_config={"adamw": {"betas": [0.8, 0.95], "eps": 1e-6, "weight_decay": 0.05}})
     assert train._optimizer(opts) == ("adamw", {"weight_decay": 0.05, "betas": (0.8, 0.95), "eps": 1e-6})
+    assert train._optimizer(replace(opts, optimizer="sgd", optimizer_config={"sgd": {"momentum": 0.9}})) == \
+        ("sgd", {"momentum": 0.9, "weight_decay": 0.0, "dampening": 0.0, "nesterov": False})
     assert train._optimizer(replace(opts, weight_decay=0.2))[1]["weight_decay"] == 0.2   # the flag wins
 
 

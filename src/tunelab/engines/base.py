@@ -6,15 +6,20 @@ An engine is a module with these functions (`Model` is the engine's own handle):
                                                       HF folder -> model + tokenizer on a device; with
                                                       training (the lora command), dtype auto may pick
                                                       a faster training dtype
-  attach_lora(model, spec, seed)                      fresh adapters (A random, B zero)
+  attach_lora(model, spec, seed)                      fresh adapters (A random, B zero); for a full
+                                                      fine-tune (spec.full), spec's blocks made trainable
   set_adapter(model, spec, tensors)                   adapters from numpy tensors (adapters.load)
-  adapter_tensors(model) -> {module: (A, B)}          numpy copies, for adapters.save
+  adapter_tensors(model) -> {module: (A, B)}          numpy copies, for adapters.save ({weight name: array}
+                                                      for a full fine-tune)
   savings(model, rows, tokens, common) -> [str]       what the training step saves, and its memory cost
                                                       (common: tokens every training row begins with)
   fill_prefix(model, batches)                         when model.prefix (the frozen-prefix cache) is not
                                                       None: compute the cached rows of these batches now,
                                                       many rows at a time, until the cache is full
-  make_optimizer(model, learning_rate, name, weight_decay, betas, eps) -> Optimizer   Adam or AdamW
+  make_optimizer(model, learning_rate, name, **settings) -> Optimizer
+                                                      one of optimizers.NAMES with its settings (MLX's
+                                                      updates and defaults on every engine)
+  sizes(model) -> (weight bytes, trained values, trained bytes)
   training_state(model, optimizer) -> {name: array}   optimizer state and random generator states, for a
                                                       checkpoint (with the adapter, all a resumed run needs)
   load_training_state(model, optimizer, arrays)       put them back

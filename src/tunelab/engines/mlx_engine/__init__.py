@@ -21,7 +21,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from tunelab import adapters, models
+from tunelab import adapters, models, optimizers
 from tunelab.engines.base import StepResult, resident_peak
 from tunelab.errors import UserError
 
@@ -316,13 +316,18 @@ def savings(m, rows, tokens, common=0):
     return lines
 
 
-def make_optimizer(m, learning_rate, name="adam", weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
-    """Adam, or AdamW with decoupled `weight_decay`; bias_correction: the same update as torch.optim.Adam and
-    AdamW (MLX's default leaves it out)."""
-    common = dict(learning_rate=learning_rate, betas=list(betas), eps=eps, bias_correction=True)
-    if name == "adamw":
-        return optim.AdamW(weight_decay=weight_decay, **common)
-    return optim.Adam(**common)
+def make_optimizer(m, learning_rate, name="adam", **settings):
+    """MLX's optimizer `name` (optimizers.NAMES) with `settings` (as optimizers.settings completes them; MLX's
+    defaults for what is left out); Adam and AdamW with bias_correction: the update torch.optim's make (MLX's
+    default leaves it out)."""
+    settings = {**optimizers.settings(name), **settings}
+    if name in ("adam", "adamw"):
+        settings.update(betas=list(settings["betas"]), bias_correction=True)
+    if name == "adafactor":
+        settings["eps"] = tuple(settings["eps"])
+    kinds = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD, "adafactor": optim.Adafactor,
+             "muon": optim.Muon}
+    return kinds[name](learning_rate=learning_rate, **settings)
 
 
 def training_state(m, optimizer):

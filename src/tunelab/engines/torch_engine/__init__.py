@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tunelab import adapters
+from tunelab import adapters, optimizers
 from tunelab.engines.base import StepResult, resident_peak
-from tunelab.engines.torch_engine import blocks, graphs
+from tunelab.engines.torch_engine import blocks, graphs, optim
 from tunelab.errors import UserError
 
 name = "torch"
@@ -335,15 +335,23 @@ def adapter_tensors(m):
             for module, layer in _lora_modules(m).items()}
 
 
-def make_optimizer(m, learning_rate, name="adam", weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8):
-    """torch.optim.Adam, or AdamW with decoupled `weight_decay`, over the trained tensors."""
+def make_optimizer(m, learning_rate, name="adam", **settings):
+    """Optimizer `name` (optimizers.NAMES) over the trained tensors, with `settings` (as optimizers.settings
+    completes them; MLX's defaults for what is left out): torch.optim's Adam and AdamW, and for sgd,
+    adafactor and muon optim.py's, which make MLX's updates."""
     params = [p for p in m.model.parameters() if p.requires_grad]
-    kind, extra = (torch.optim.AdamW, {"weight_decay": weight_decay}) if name == "adamw" else (torch.optim.Adam, {})
-    extra.update(betas=tuple(betas), eps=eps)
+    settings = {**optimizers.settings(name), **settings}
+    if name == "muon":   # LoRA's matrices, which mlx-lm stores transposed, in a group of their own
+        lora = {id(p) for n, p in m.model.named_parameters() if p.requires_grad and ".lora_" in n and p.ndim == 2}
+        params = [{"params": [p for p in params if id(p) not in lora]},
+                  {"params": [p for p in params if id(p) in lora], "transposed": True}]
+    if name in optim.CLASSES:
+        return optim.CLASSES[name](params, lr=learning_rate, **settings)
+    kind = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
     try:   # one kernel per tensor instead of a dozen small ops (CPUs and GPUs)
-        return kind(params, lr=learning_rate, fused=True, **extra)
+        return kind(params, lr=learning_rate, fused=True, **settings)
     except RuntimeError:
-        return kind(params, lr=learning_rate, **extra)
+        return kind(params, lr=learning_rate, **settings)
 
 
 def _trained_names(m):
@@ -490,7 +498,8 @@ def _token_losses(m, batch):
 
 def _replays(m):
     """The recorded training steps (graphs.Replays) when this model's steps are recorded, else None:
-    on CUDA, for blocks.py's loss with plain LoRA layers only (dropout and DoRA run as PEFT's modules)."""
+    on CUDA, for blocks.py's loss with plain LoRA layers only (dropout, DoRA and full fine-tuning run
+    eagerly)."""
     if m.graphs is None:
         m.graphs = _recordable(m) and graphs.Replays(graphs.CudaRecorder(),
                                                      log=lambda text: print(text, file=sys.stderr))
@@ -498,7 +507,7 @@ def _replays(m):
 
 
 def _recordable(m):
-    return (m.lean and graphs.wanted(m.device)
+    return (m.lean and graphs.wanted(m.device) and not (m.spec is not None and m.spec.full)
             and all(blocks._plain_lora(layer) is not None for layer in _lora_modules(m).values()))
 
 
