@@ -127,9 +127,10 @@ class LoraOptions:
                                  kind=mapping, metavar="JSON")
     grad_checkpoint: bool = opt(False, "Gradient checkpointing (mlx-lm's flag): not built yet, an error when set.")
     clear_cache_threshold: int = opt(0, "mlx-lm's memory-cache threshold: only 0 (not built yet).")
-    report_to: str = opt(None, "mlx-lm's experiment trackers (wandb, swanlab): not built yet, an error when set; "
-                         "metrics.jsonl has every number.")
-    project_name: str = opt(None, "Project name for --report-to.")
+    report_to: str = opt(None, "Experiment trackers to send metrics.jsonl's numbers to, comma-separated: "
+                         "tensorboard, wandb, mlflow; offline in the run folder unless WANDB_MODE=online or "
+                         "MLFLOW_TRACKING_URI say otherwise.")
+    project_name: str = opt(None, "Project (wandb) or experiment (mlflow) name for --report-to (default tunelab).")
     trust_remote_code: bool = opt(False, "mlx-lm's flag: tunelab never runs a model's own code, so only false.")
     hf_dataset: dict = opt(None, "mlx-lm's Hugging Face dataset mapping: not read by lora; make a data folder with "
                            "`tunelab prepare --source ID` instead.", kind=mapping, metavar="JSON")

@@ -59,16 +59,20 @@ def write_manifest(run_dir, options, chosen, model_dir, data_files):
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl; each line is flushed as it is written."""
+    """Append-only metrics.jsonl; each line is flushed as it is written, and handed to `also` (the experiment
+    trackers: tracking.Trackers) when given."""
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, also=None):
         self.path = Path(run_dir) / METRICS
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a", encoding="utf-8")
+        self.also = also
 
     def write(self, **record):
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.also is not None:
+            self.also.log(record.get("step"), {k: v for k, v in record.items() if k != "step"})
 
     def size(self):
         """Bytes written so far (the offset a checkpoint records)."""
@@ -76,6 +80,8 @@ class MetricsLog:
 
     def close(self):
         self.file.close()
+        if self.also is not None:
+            self.also.close()
 
 
 def read_metrics(run_dir):

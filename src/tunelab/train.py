@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tunelab import adapters, atomic, checkpoints, engines, evaluate, models, optimizers, runs, schedules
+from tunelab import adapters, atomic, checkpoints, engines, evaluate, models, optimizers, runs, schedules, tracking
 from tunelab.data.batching import common_start, eval_batches, training_batches
 from tunelab.data.formats import quarantine, read_rows, scan_rows
 from tunelab.data.templates import encode_rows, set_chat_template
@@ -56,8 +56,11 @@ def check_options(opts):
             check(opts)
         except UserError as e:
             problems += e.problems
+    try:
+        tracking.parse(opts.report_to)
+    except UserError as e:
+        problems += e.problems
     not_built = {"grad_checkpoint": "gradient checkpointing is not built yet",
-                 "report_to": "experiment trackers are not built yet: metrics.jsonl has every number",
                  "hf_dataset": "lora reads data folders: make one with `tunelab prepare --source ID` and pass it "
                                "as --data",
                  "trust_remote_code": "tunelab never runs a model's own code"}
@@ -221,7 +224,10 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
         if loop["step"] >= opts.iters or loop["done"]:
             log(f"The run in {run_dir} had finished at step {loop['step']}: nothing left to train")
     micro_batches = opts.grad_accumulation_steps
-    metrics = runs.MetricsLog(run_dir)
+    trackers = tracking.parse(opts.report_to)
+    metrics = runs.MetricsLog(run_dir, also=tracking.Trackers(
+        trackers, run_dir, opts.project_name, dataclasses.asdict(opts),
+        resumed_at=loop["step"] if resume is not None else None, log=log) if trackers else None)
     batches = training_batches(train_set, opts.batch_size, opts.seed, start=loop["step"] * micro_batches)
     saved_step = loop["step"]
 

@@ -205,7 +205,7 @@ def test_more_layers_than_the_model_has_is_an_error(tiny_llama, data, tmp_path, 
 
 @pytest.mark.parametrize("line, message", [
     ("grad_checkpoint: true", "--grad-checkpoint: gradient checkpointing is not built yet"),
-    ("report_to: wandb", "--report-to: experiment trackers are not built yet"),
+    ("report_to: wandb,swanlab", "--report-to swanlab: not a tracker tunelab reports to"),
     ("trust_remote_code: true", "--trust-remote-code: tunelab never runs a model's own code"),
     ("hf_dataset: {path: billsum}", "--hf-dataset: lora reads data folders"),
     ("clear_cache_threshold: 2", "--clear-cache-threshold: only 0"),
