@@ -36,6 +36,19 @@ def list_of_str(text):
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def mappings(text):
+    """A mapping or a list of mappings: YAML in a config file; JSON text on the command line."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a JSON object or a list of them, got {text!r}") from None
+    if not isinstance(value, (dict, list)):
+        raise argparse.ArgumentTypeError(f"expected a JSON object or a list of them, got {text!r}")
+    return value
+
+
 def mapping(text):
     """A mapping: YAML in a config file; JSON text on the command line."""
     import json
@@ -88,7 +101,8 @@ class PrepareOptions:
 class LoraOptions:
     model: str = opt(DEFAULT_MODEL, "Model: a Hugging Face repo id, a local folder, a .gguf file, or "
                      "'smollm2' (the embedded SmolLM2-135M-Instruct).")
-    data: str = opt("data", "Folder with train.jsonl and valid.jsonl (for --train) and test.jsonl (for --test).")
+    data: str = opt("data", "Folder with train.jsonl and valid.jsonl (for --train) and test.jsonl (for --test), or "
+                    "a Hugging Face dataset id with train, valid and test splits (as mlx-lm).")
     train: bool = opt(False, "Train an adapter.")
     test: bool = opt(False, "Report loss and perplexity on test.jsonl.")
     fine_tune_type: str = opt("lora", "Type of fine-tuning: lora, dora (LoRA plus a trained magnitude for each "
@@ -132,8 +146,10 @@ class LoraOptions:
                          "MLFLOW_TRACKING_URI say otherwise.")
     project_name: str = opt(None, "Project (wandb) or experiment (mlflow) name for --report-to (default tunelab).")
     trust_remote_code: bool = opt(False, "mlx-lm's flag: tunelab never runs a model's own code, so only false.")
-    hf_dataset: dict = opt(None, "mlx-lm's Hugging Face dataset mapping: not read by lora; make a data folder with "
-                           "`tunelab prepare --source ID` instead.", kind=mapping, metavar="JSON")
+    hf_dataset: object = opt(None, "mlx-lm's Hugging Face datasets instead of --data: {path, config, train_split "
+                             "(train[:80%]), valid_split (train[-10%:]), test_split, prompt_feature, "
+                             "completion_feature, text_feature, chat_feature}, or a list of them (concatenated); "
+                             "their rows are written to <adapter-path>/data.", kind=mappings, metavar="JSON")
     steps_per_report: int = opt(10, "Steps between training-loss reports.")
     steps_per_eval: int = opt(200, "Steps between validation-loss evaluations.")
     save_every: int = opt(100, "Save the adapter every N steps.")
@@ -346,11 +362,14 @@ def _coerce(name, value, f, where):
         ok = isinstance(value, (str, dict))
     elif kind is mapping:
         ok = isinstance(value, dict)
+    elif kind is mappings:
+        ok = isinstance(value, (dict, list))
     else:
         ok = isinstance(value, str)
     if not ok:
         expected = getattr(kind, "__name__", "value").replace("list_of_str", "list of strings").replace(
-            "schedule", "a schedule name or mapping").replace("mapping", "a mapping")
+            "schedule", "a schedule name or mapping").replace("mappings", "a mapping or a list of them").replace(
+            "mapping", "a mapping")
         expected = "finite float" if kind is float and isinstance(value, float) else expected
         return None, f"{where}: {name}: expected {expected}, got {value!r}"
     choices = f.metadata["choices"]

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tunelab import adapters, atomic, checkpoints, engines, evaluate, models, optimizers, runs, schedules, tracking
+from tunelab.data import hub
 from tunelab.data.batching import common_start, eval_batches, training_batches
 from tunelab.data.formats import quarantine, read_rows, scan_rows
 from tunelab.data.templates import encode_rows, set_chat_template
@@ -60,9 +62,9 @@ def check_options(opts):
         tracking.parse(opts.report_to)
     except UserError as e:
         problems += e.problems
+    if opts.hf_dataset:
+        problems += hub.check(opts.hf_dataset)
     not_built = {"grad_checkpoint": "gradient checkpointing is not built yet",
-                 "hf_dataset": "lora reads data folders: make one with `tunelab prepare --source ID` and pass it "
-                               "as --data",
                  "trust_remote_code": "tunelab never runs a model's own code"}
     problems += [f"--{name.replace('_', '-')}: {why}" for name, why in not_built.items() if getattr(opts, name)]
     if opts.fine_tune_type == "full" and opts.quantize:
@@ -81,7 +83,9 @@ def check_options(opts):
             problems.append(f"--{n.replace('_', '-')}: must be -1 (all) or at least 1, got {getattr(opts, n)}")
     data = Path(opts.data)
     needed = (["train", "valid"] if opts.train else []) + (["test"] if opts.test else [])
-    if not data.is_dir():
+    if _from_hub(opts):
+        pass   # written into a data folder once the run starts (data/hub.py)
+    elif not data.is_dir():
         problems.append(f"--data {data}: folder not found (it should hold {', '.join(n + '.jsonl' for n in needed)}; "
                         "make one with `tunelab prepare`)")
     else:
@@ -129,6 +133,7 @@ def _progress_text(step, loss, val_loss, tokens_per_s, peak):
 
 BEST = "best"        # <adapter-path>/best: the adapter of the lowest validation loss (--keep-best)
 MODEL = "model"      # <adapter-path>/model: a full fine-tune's whole model folder, written when training ends
+HUB_DATA = "data"    # <adapter-path>/data: the rows of hf_dataset or a --data dataset id, as a data folder
 FILL_TOKENS = 4096   # positions a batch (rows times the longest row) when the frozen-prefix cache is filled
                      # ahead of training: rows that begin alike compute that beginning once a batch
 
@@ -513,13 +518,31 @@ def _start_weights(path, spec):
     return tensors
 
 
+def _from_hub(opts):
+    """Whether the rows come from Hugging Face datasets (hf_dataset, or --data naming a dataset id)."""
+    return bool(opts.hf_dataset) or hub.is_hub_id(opts.data)
+
+
 def lora(opts, log=print):
     """The `tunelab lora` stage. Returns {'test_loss', 'test_ppl'} when --test is given."""
     check_options(opts)
     opts = dataclasses.replace(opts, mask_prompt=_mask_prompt(opts, log))
+    with contextlib.ExitStack() as stack:
+        if _from_hub(opts):   # the rows as a data folder: in the run folder when training, else for this call only
+            folder = Path(opts.adapter_path) / HUB_DATA if opts.train else \
+                Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tunelab-data-"))) / HUB_DATA
+            source = {"hf_dataset": opts.hf_dataset, "data_id": None if opts.hf_dataset else opts.data}
+            opts = dataclasses.replace(opts, data=str(folder))
+        return _lora(opts, log, source if _from_hub(opts) else None)
+
+
+def _lora(opts, log, source):
     created = not Path(opts.adapter_path).exists()
     lock, resume_from = open_run(opts, log) if opts.train else (None, None)
     try:
+        if source is not None and not Path(opts.data).is_dir():
+            splits = (["train", "valid"] if opts.train else []) + (["test"] if opts.test else [])
+            hub.write_folder(opts.data, splits, log=log, **source)
         tested_adapter = opts.adapter_path if opts.test and not opts.train else None  # '' = the base model
         quantize = (opts.quantize, opts.q_group_size) if opts.quantize else None
         engine, model, model_dir = engines.load(opts.model, tested_adapter, opts.device, opts.dtype, log=log,
@@ -530,8 +553,8 @@ def lora(opts, log=print):
         if opts.train:
             _train(engine, model, model_dir, opts, resume_from, log)
     except BaseException:
-        if created and lock is not None and not checkpoints.run_contents(opts.adapter_path):
-            shutil.rmtree(opts.adapter_path, ignore_errors=True)   # the empty folder this run made
+        if created and lock is not None and set(checkpoints.run_contents(opts.adapter_path)) <= {HUB_DATA}:
+            shutil.rmtree(opts.adapter_path, ignore_errors=True)   # the folder this run made, with nothing trained
         raise
     finally:
         if lock is not None:
