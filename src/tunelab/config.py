@@ -49,6 +49,16 @@ def mappings(text):
     return value
 
 
+def size(text):
+    """A size in bytes: a number, or with M/MB (10^6) or G/GB (10^9) after it, as mlx-lm reads them."""
+    import re
+
+    found = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(M|MB|G|GB|)\s*", str(text), re.IGNORECASE)
+    if not found:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512MB or 2GB, got {text!r}")
+    return int(float(found[1]) * {"": 1, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9}[found[2].upper()])
+
+
 def mapping(text):
     """A mapping: YAML in a config file; JSON text on the command line."""
     import json
@@ -139,8 +149,13 @@ class LoraOptions:
                                  "1e-6, weight_decay: 0.05}}, {sgd: {momentum: 0.9, nesterov: true}}, {adafactor: "
                                  "{relative_step: false}}, {muon: {ns_steps: 5}}: MLX's names and defaults.",
                                  kind=mapping, metavar="JSON")
-    grad_checkpoint: bool = opt(False, "Gradient checkpointing (mlx-lm's flag): not built yet, an error when set.")
-    clear_cache_threshold: int = opt(0, "mlx-lm's memory-cache threshold: only 0 (not built yet).")
+    grad_checkpoint: bool = opt(False, "Gradient checkpointing (mlx-lm's flag): each trained block keeps only its "
+                                "input for the backward pass and runs again there; less memory, about a third "
+                                "more compute, the same numbers.")
+    clear_cache_threshold: int = opt(None, "Free the allocator's cached memory after a step when it holds more than "
+                                     "this (e.g. 2GB; 0: after every step). Default: as mlx-lm on the mlx engine "
+                                     "(after every step), PyTorch's cache kept on the torch engine.",
+                                     kind=size, metavar="SIZE")
     report_to: str = opt(None, "Experiment trackers to send metrics.jsonl's numbers to, comma-separated: "
                          "tensorboard, wandb, mlflow; offline in the run folder unless WANDB_MODE=online or "
                          "MLFLOW_TRACKING_URI say otherwise.")
@@ -362,6 +377,11 @@ def _coerce(name, value, f, where):
         ok = isinstance(value, (str, dict))
     elif kind is mapping:
         ok = isinstance(value, dict)
+    elif kind is size:
+        try:
+            value, ok = size(value), True
+        except argparse.ArgumentTypeError:
+            ok = False
     elif kind is mappings:
         ok = isinstance(value, (dict, list))
     else:
@@ -369,7 +389,7 @@ def _coerce(name, value, f, where):
     if not ok:
         expected = getattr(kind, "__name__", "value").replace("list_of_str", "list of strings").replace(
             "schedule", "a schedule name or mapping").replace("mappings", "a mapping or a list of them").replace(
-            "mapping", "a mapping")
+            "mapping", "a mapping").replace("size", "a size such as 2GB")
         expected = "finite float" if kind is float and isinstance(value, float) else expected
         return None, f"{where}: {name}: expected {expected}, got {value!r}"
     choices = f.metadata["choices"]

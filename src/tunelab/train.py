@@ -64,14 +64,11 @@ def check_options(opts):
         problems += e.problems
     if opts.hf_dataset:
         problems += hub.check(opts.hf_dataset)
-    not_built = {"grad_checkpoint": "gradient checkpointing is not built yet",
-                 "trust_remote_code": "tunelab never runs a model's own code"}
-    problems += [f"--{name.replace('_', '-')}: {why}" for name, why in not_built.items() if getattr(opts, name)]
+    if opts.trust_remote_code:
+        problems.append("--trust-remote-code: tunelab never runs a model's own code")
     if opts.fine_tune_type == "full" and opts.quantize:
         problems.append("--fine-tune-type full trains the weights themselves, which --quantize would make "
                         "4- or 8-bit: pass one of them")
-    if opts.clear_cache_threshold:
-        problems.append("--clear-cache-threshold: only 0 (the memory cache is not managed by tunelab yet)")
     if opts.max_grad_norm is not None and opts.max_grad_norm <= 0:
         problems.append(f"--max-grad-norm: must be positive, got {opts.max_grad_norm}")
     if opts.learning_rate <= 0:
@@ -312,6 +309,7 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
                 micro = [next(batches) for _ in range(micro_batches)]
                 result = engine.train_step(model, optimizer, micro if len(micro) > 1 else micro[0],
                                            learning_rate(step), opts.max_grad_norm)
+                engine.clear_cache(opts.clear_cache_threshold)
                 loop["step"] = step
                 if result.finite:
                     loop["bad"] = 0
@@ -409,6 +407,8 @@ def _train(engine, model, model_dir, opts, resume_from, log):
                              kind=opts.fine_tune_type)
     spec.quantization = getattr(model, "quantized", None)
     engine.attach_lora(model, spec, seed=opts.seed)
+    if opts.grad_checkpoint:
+        engine.grad_checkpoint(model)
     run_dir = Path(opts.adapter_path)
     data_files = _data_files(opts)
     resume = None
@@ -436,6 +436,9 @@ def _train(engine, model, model_dir, opts, resume_from, log):
     clip = f", gradients clipped to norm {opts.max_grad_norm:g}" if opts.max_grad_norm is not None else ""
     log(f"Optimizer: {optimizers.describe(*_optimizer(opts))}; learning rate: "
         f"{schedules.describe(*_schedule(opts))}{clip}")
+    if opts.grad_checkpoint:
+        log("Gradient checkpointing: each trained block keeps only its input for the backward pass and runs again "
+            "there")
     for line in engine.savings(model, len(train_set) + len(valid_set),
                                tokens + sum(len(ex.tokens) for ex in valid_set),
                                common_start([ex.tokens for ex in train_set])):

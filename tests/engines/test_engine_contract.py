@@ -440,3 +440,42 @@ def test_a_full_fine_tune_round_trips_through_its_files_and_fuses(engine, tiny_m
     with pytest.raises(UserError, match="shape"):
         engine.set_adapter(load(engine, tiny_model), loaded_spec,
                            {n: v[..., :1] if v.ndim == 2 else v for n, v in tensors.items()})
+
+
+def block_runs(engine, model, monkeypatch):
+    """A list that grows by one each time a trained block's computation starts (a recomputation too): its
+    first norm's calls (torch), the calls of the function mx.checkpoint was given (mlx)."""
+    runs = []
+    if engine.name == "torch":
+        for i in model.spec.layers:
+            layer = engine._base_lm(model).model.layers[i]
+            layer.input_layernorm.register_forward_pre_hook(lambda *_: runs.append(1))
+    else:
+        real = engine.mx.checkpoint
+        monkeypatch.setattr(engine.mx, "checkpoint", lambda f: real(lambda *a, **k: runs.append(1) or f(*a, **k)))
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_gradient_checkpointing_takes_the_same_steps(engine, tiny_model, kind, monkeypatch):
+    """Blocks that run again in the backward pass give the same losses and updates (both adapted blocks; the
+    top one alone, above the frozen-prefix cache)."""
+    for num_layers in (2, 1):
+        results = []
+        for checkpointed in (False, True):
+            model = load(engine, tiny_model)
+            spec = adapters.spec_for(num_layers, 2, 4, 2.0, 0.0, kind=kind)
+            engine.attach_lora(model, spec, seed=3)
+            if checkpointed:
+                engine.grad_checkpoint(model)
+                runs = block_runs(engine, model, monkeypatch)
+            optimizer = engine.make_optimizer(model, 1e-2)
+            losses = [engine.train_step(model, optimizer, batch_for(model)).loss for _ in range(3)]
+            if checkpointed:   # each trained block ran twice a step: forward, and again in the backward pass
+                assert len(runs) == 3 * num_layers * 2
+            results.append((losses, engine.adapter_tensors(model)))
+        (plain, plain_tensors), (again, again_tensors) = results
+        np.testing.assert_allclose(again, plain, rtol=1e-6)
+        for key, value in plain_tensors.items():
+            for x, y in zip(*(v if isinstance(v, tuple) else (v,) for v in (value, again_tensors[key]))):
+                np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7, err_msg=key)

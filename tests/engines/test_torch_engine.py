@@ -567,3 +567,26 @@ def test_every_module_is_in_the_mode_of_the_last_call(tiny_model, tmp_path):
     engine.fuse(model, tmp_path / "fused")
     engine.eval_loss(model, batch)
     assert modes() == {False}
+
+
+def test_gradient_checkpointing_in_transformers_forward_takes_the_same_steps(tiny_model):
+    """The plain path (transformers' forward, for families blocks.py does not compute) with checkpointing on:
+    the same losses and adapters, each adapted block run again in the backward pass."""
+    results = []
+    for checkpointed in (False, True):
+        model, spec = with_adapter(tiny_model, num_layers=2)
+        model.lean = False
+        runs = []
+        if checkpointed:
+            engine.grad_checkpoint(model)
+            for i in spec.layers:
+                engine._base_lm(model).model.layers[i].input_layernorm.register_forward_pre_hook(
+                    lambda *_: runs.append(1))
+        optimizer = engine.make_optimizer(model, 1e-2)
+        losses = [engine.train_step(model, optimizer, batch_for(model)).loss for _ in range(2)]
+        assert len(runs) == (2 * 2 * 2 if checkpointed else 0)
+        results.append((losses, engine.adapter_tensors(model)))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+    for module, arrays in results[0][1].items():
+        for a, b in zip(arrays, results[1][1][module]):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from tests.conftest import builtin_sql_data
-from tunelab import schedules, train
+from tests.engines.engine_params import engine_module
+from tunelab import adapters, schedules, train
 from tunelab.cli import main
 from tunelab.config import LoraOptions
 
@@ -183,15 +184,31 @@ lr_schedule:
 """
 
 
-def test_mlx_lm_example_config_runs_as_it_is(data, tmp_path):
+@pytest.mark.parametrize("engine, changes", [
+    ("torch", {}),
+    ("mlx", {"grad_checkpoint: false": "grad_checkpoint: true\nclear_cache_threshold: 1GB"}),
+    ("torch", {"grad_checkpoint: false": "grad_checkpoint: true", "fine_tune_type: lora": "fine_tune_type: full",
+               "optimizer: adamw": "optimizer: adafactor"}),
+])
+def test_mlx_lm_example_config_runs_as_it_is(data, tmp_path, engine, changes):
     """The keys and values of mlx-lm's examples/lora_config.yaml, its schedule turned on, its paths and length
-    made to fit a tiny model of 18 blocks."""
+    made to fit a tiny model of 18 blocks; and with its gradient checkpointing, full fine-tuning and another
+    optimizer turned on."""
     from tests.conftest import make_model
 
+    if engine == "mlx":
+        engine_module("mlx")
     model = make_model(tmp_path / "model", "llama", layers=18)
     config = tmp_path / "lora_config.yaml"
-    config.write_text(MLX_LM_EXAMPLE.format(model=model, data=data, run=tmp_path / "run"))
-    assert main(["lora", "-c", str(config), "--dtype", "float32"]) == 0
+    text = MLX_LM_EXAMPLE.format(model=model, data=data, run=tmp_path / "run")
+    for old, new in changes.items():
+        assert old in text
+        text = text.replace(old, new)
+    config.write_text(text)
+    assert main(["lora", "-c", str(config), "--dtype", "float32", "--engine", engine]) == 0
+    if "fine_tune_type: full" in text:
+        assert adapters.load(tmp_path / "run")[0].layers == list(range(2, 18))
+        return
     adapter = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert adapter["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
     assert adapter["layers_to_transform"] == list(range(2, 18))
@@ -204,11 +221,10 @@ def test_more_layers_than_the_model_has_is_an_error(tiny_llama, data, tmp_path, 
 
 
 @pytest.mark.parametrize("line, message", [
-    ("grad_checkpoint: true", "--grad-checkpoint: gradient checkpointing is not built yet"),
     ("report_to: wandb,swanlab", "--report-to swanlab: not a tracker tunelab reports to"),
     ("trust_remote_code: true", "--trust-remote-code: tunelab never runs a model's own code"),
     ("hf_dataset: {path: billsum, prompt: text}", "hf_dataset: prompt: unknown"),
-    ("clear_cache_threshold: 2", "--clear-cache-threshold: only 0"),
+    ("clear_cache_threshold: lots", "clear_cache_threshold: expected a size such as 2GB"),
     ("fine_tune_type: full\nquantize: 4\nengine: mlx", "--fine-tune-type full trains the weights themselves"),
     ("optimizer: lion", "optimizer: 'lion' is not one of adam, adamw, sgd, adafactor, muon"),
     ("optimizer_config: {adam: {bias_correction: false}}", "bias_correction: tunelab's Adam always corrects"),

@@ -67,3 +67,14 @@ def test_the_recommended_recipe_reads_and_passes_the_checks(tmp_path):
     for split in ("train", "valid", "test"):
         (data / f"{split}.jsonl").write_text("")
     check_options(replace(LoraOptions(), **values, data=str(data)))
+
+
+def test_sizes_read_as_mlx_lm_reads_them():
+    import argparse
+
+    from tunelab.config import size
+
+    assert [size(x) for x in ("0", "512", "512MB", "2GB", "1.5G", "3 m")] == [0, 512, 512 * 10**6, 2 * 10**9,
+                                                                             1.5e9, 3 * 10**6]
+    with pytest.raises(argparse.ArgumentTypeError, match="a size such as 512MB"):
+        size("2TB")

@@ -20,6 +20,8 @@ An engine is a module with these functions (`Model` is the engine's own handle):
                                                       one of optimizers.NAMES with its settings (MLX's
                                                       updates and defaults on every engine)
   sizes(model) -> (weight bytes, trained values, trained bytes)
+  grad_checkpoint(model)                              from now on, trained blocks keep only their input
+                                                      for the backward pass and run again in it
   training_state(model, optimizer) -> {name: array}   optimizer state and random generator states, for a
                                                       checkpoint (with the adapter, all a resumed run needs)
   load_training_state(model, optimizer, arrays)       put them back
@@ -40,6 +42,8 @@ An engine is a module with these functions (`Model` is the engine's own handle):
                                                       what `generate` gives for that prompt alone
   fuse(model, save_dir)                               merged HF folder (safetensors)
   peak_memory() -> int                                bytes (device memory, or resident set on CPU)
+  clear_cache(threshold)                              free the allocator's cached memory past threshold bytes
+                                                      (None: the engine's default)
 
 Everything above this line (data, the training loop, reports, files) is engine-neutral.
 """

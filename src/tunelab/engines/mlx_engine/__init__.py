@@ -257,6 +257,25 @@ def _full_weights(m):
     return {n: v for n, v in tree_flatten(m.model.parameters()) if n.startswith(blocks)}
 
 
+def grad_checkpoint(m):
+    """Gradient checkpointing, as mlx-lm's: each trained block keeps only its input for the backward pass
+    (mx.checkpoint), which runs it again. Only this model's blocks change (each gets a class of its own),
+    not every model of their class."""
+    for i in m.spec.layers:
+        layer = m.model.layers[i]
+        kind = type(layer)
+        layer.__class__ = type(kind.__name__, (kind,), {"__call__": _checkpointed(kind.__call__)})
+
+
+def _checkpointed(call):
+    def checkpointed(self, *args, **kwargs):
+        def inner(params, *args, **kwargs):
+            self.update(params)
+            return call(self, *args, **kwargs)
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+    return checkpointed
+
+
 def sizes(m):
     """(bytes of all weights, number of trained values, bytes of the trained arrays)."""
     every = [v for _, v in tree_flatten(m.model.parameters())]
@@ -536,6 +555,13 @@ def fuse(m, save_dir, dequantize=True):
             shutil.copy(m.model_dir / extra, save_dir / extra)
     m.spec = None
     m.prefix = None
+
+
+def clear_cache(threshold=None):
+    """Free MLX's cache of buffers when it holds more than `threshold` bytes (None: 0, mlx-lm's default,
+    which frees it after every step)."""
+    if mx.get_cache_memory() > (threshold or 0):
+        mx.clear_cache()
 
 
 def peak_memory():

@@ -244,6 +244,15 @@ def _full_weights(m):
     return {n: p for n, p in _base_lm(m).named_parameters() if n.startswith(blocks_)}
 
 
+def grad_checkpoint(m):
+    """Gradient checkpointing: each block keeps only its input for the backward pass, which runs it again
+    (blocks.py's loss and transformers' forward alike; the values are the same)."""
+    lm = _base_lm(m)
+    lm.model.tunelab_checkpoint = True
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m.graphs = False     # recorded CUDA steps replay one forward and backward as they were captured
+
+
 def sizes(m):
     """(bytes of all weights, number of trained values, bytes of the trained tensors)."""
     params = list(m.model.parameters())
@@ -691,6 +700,14 @@ def fuse(m, save_dir):
     m.prefix = None
     m.graphs = None
     m.training = None
+
+
+def clear_cache(threshold=None):
+    """Give the CUDA allocator's cached blocks back when they exceed `threshold` bytes (None: keep PyTorch's
+    cache, which is faster; CPUs have no such cache)."""
+    if threshold is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.memory_reserved() - torch.cuda.memory_allocated() > threshold:
+            torch.cuda.empty_cache()
 
 
 def peak_memory():

@@ -245,8 +245,21 @@ def _run_blocks(body, blocks, hidden, context, shared):
     if shared:
         hidden, shape = _pack(hidden, shared)
     for layer in list(body.layers)[blocks]:
-        hidden = _block(layer, hidden, *context) if shape is None else _shared_block(layer, hidden, shape, *context)
+        if shape is None:
+            hidden = _checkpointed(body, _block, layer, hidden, *context)
+        else:
+            hidden = _checkpointed(body, _shared_block, layer, hidden, shape, *context)
     return hidden, shape
+
+
+def _checkpointed(body, function, layer, hidden, *args):
+    """function(layer, hidden, *args); with gradient checkpointing on (body.tunelab_checkpoint) and a
+    backward pass to come, only its input is kept and the block runs again in the backward pass."""
+    if getattr(body, "tunelab_checkpoint", False) and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(function, layer, hidden, *args, use_reentrant=False)
+    return function(layer, hidden, *args)
 
 
 def supervised_hidden(body, first, hidden, targeted, shared=0):
@@ -262,7 +275,7 @@ def supervised_hidden(body, first, hidden, targeted, shared=0):
     top = len(body.layers) - 1
     cos, sin, on_cpu = _positions(body, hidden)
     hidden, shape = _run_blocks(body, slice(first, top), hidden, (cos, sin, on_cpu), shared)
-    return body.norm(_top_block(body.layers[top], hidden, cos, sin, targeted, on_cpu, shape))
+    return body.norm(_checkpointed(body, _top_block, body.layers[top], hidden, cos, sin, targeted, on_cpu, shape))
 
 
 def _pack(hidden, shared):
