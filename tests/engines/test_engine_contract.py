@@ -479,3 +479,22 @@ def test_gradient_checkpointing_takes_the_same_steps(engine, tiny_model, kind, m
         for key, value in plain_tensors.items():
             for x, y in zip(*(v if isinstance(v, tuple) else (v,) for v in (value, again_tensors[key]))):
                 np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def test_clear_cache_frees_the_allocator_cache_past_its_threshold(engine, tiny_model):
+    """mlx: MLX's buffer cache, freed past the threshold (0: whenever it holds anything); torch on a CPU
+    keeps no such cache, and the call changes nothing."""
+    model, _ = with_adapter(engine, tiny_model)
+    optimizer = engine.make_optimizer(model, 1e-3)
+    engine.train_step(model, optimizer, batch_for(model))
+    if engine.name == "mlx":
+        held = engine.mx.get_cache_memory()
+        assert held > 0
+        engine.clear_cache(held + 1)
+        assert engine.mx.get_cache_memory() == held
+        engine.clear_cache(None)
+        assert engine.mx.get_cache_memory() == 0
+    else:
+        before = engine.adapter_tensors(model)
+        engine.clear_cache(0)
+        assert engine.adapter_tensors(model).keys() == before.keys()

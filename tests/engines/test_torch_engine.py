@@ -372,7 +372,7 @@ def test_only_plain_lora_layers_take_the_fused_function(tiny_model):
 
     for dora, dropout, fused in ((False, 0.0, True), (True, 0.0, False), (False, 0.1, False)):
         model = load(tiny_model)
-        engine.attach_lora(model, adapters.spec_for(1, 2, 4, 2.0, dropout, dora=dora))
+        engine.attach_lora(model, adapters.spec_for(1, 2, 4, 2.0, dropout, kind="dora" if dora else "lora"))
         layer = engine._lora_modules(model)["model.layers.1.self_attn.q_proj"]
         assert (blocks._plain_lora(layer) is not None) == fused
         assert blocks._plain_lora(layer.base_layer) is None

@@ -62,6 +62,7 @@ def mlflow_metrics(run):
     client = MlflowClient((Path(run).resolve() / "mlruns").as_uri())
     found = client.get_run(ids["mlflow"])
     assert found.data.params["learning_rate"] == "0.001" and found.info.status == "FINISHED"
+    assert client.get_experiment(found.info.experiment_id).name == "tests"      # --project-name
     return {key: [(m.step, m.value) for m in client.get_metric_history(ids["mlflow"], key)]
             for key in found.data.metrics}
 
