@@ -19,6 +19,8 @@ COMMANDS = {
                    "tunelab.data.check", "check"),
     "generate": ("Generate an answer to a prompt with a model (and optional adapter), streaming tokens.",
                  "tunelab.generate", "generate"),
+    "serve": ("Serve a model and its adapters behind an OpenAI-compatible HTTP API (chat, completions, "
+              "streaming), as mlx_lm.server does.", "tunelab.serve", "serve"),
     "eval": ("Generate answers to every test row with one or more models (base, base + adapter, fused, "
              ".gguf) or read them from files, score them (sql-exec, sql-canonical, exact, loss, ...), and "
              "write results, samples and an HTML report.", "tunelab.evaluate", "evaluate"),
@@ -34,6 +36,7 @@ EXAMPLES = """examples:
   tunelab lora --test --model smollm2 --data my-data-chat --adapter-path adapters
   tunelab fuse --model smollm2 --adapter-path adapters --save-path my-model
   tunelab generate --model my-model --prompt "..."
+  tunelab serve --model smollm2 --adapter sql=adapters
   tunelab eval --model smollm2 --adapter-path adapters --data my-data-chat --compare my-model
   tunelab export --model my-model --outtype q8_0 --lmstudio --ollama
   tunelab demo

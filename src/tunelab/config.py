@@ -242,6 +242,29 @@ class GenerateOptions:
 
 
 @dataclass
+class ServeOptions:
+    model: str = opt(DEFAULT_MODEL, "Model: repo id, local or fused folder, .gguf file, or 'smollm2'.")
+    adapter_path: str = opt(None, "An adapter folder to serve besides the base model, under its folder's name.")
+    adapter: list = opt(None, "More adapters: NAME=FOLDER, comma-separated or repeated; a request's `model` "
+                        "field picks the base model or one adapter (swapped onto the one loaded base).",
+                        kind=list_of_str, metavar="NAME=FOLDER")
+    name: str = opt(None, "The base model's name in requests and /v1/models (default: its folder or file name).")
+    host: str = opt("127.0.0.1", "Address to listen on (127.0.0.1: this machine only; 0.0.0.0 exposes it, then "
+                    "pass --api-key).")
+    port: int = opt(8080, "Port to listen on.")
+    api_key: str = opt(None, "Require `Authorization: Bearer KEY` on every request but /health.")
+    max_tokens: int = opt(512, "Tokens an answer may take when the request does not say (max_tokens).")
+    max_batch: int = opt(8, "Requests for the same model generated together as one batch, at most.")
+    max_queue: int = opt(64, "Requests waiting or running, at most; more get HTTP 429 with Retry-After.")
+    batch_wait: float = opt(0.005, "Seconds to wait for more requests to arrive before a batch starts.")
+    log_prompts: bool = opt(False, "Log each request's prompt (by default only sizes and times are logged).")
+    engine: str = opt("auto", "Compute engine: mlx (Apple silicon) or torch (NVIDIA GPUs, CPUs); auto picks mlx on "
+                      "Apple silicon when it is installed, torch elsewhere.", choices=["auto", "torch", "mlx"])
+    device: str = opt("auto", "Compute device.", choices=["auto", "cpu", "cuda", "mps"])
+    dtype: str = opt("auto", "Compute dtype.", choices=["auto", "float32", "bfloat16", "float16"])
+
+
+@dataclass
 class EvalOptions:
     model: str = opt(DEFAULT_MODEL, "Base model: repo id, local folder, .gguf file, or 'smollm2'.")
     adapter_path: str = opt(None, "Adapter folder: evaluates base + adapter ('tuned') beside the base model.")
@@ -322,6 +345,7 @@ COMMAND_OPTIONS = {
     "lora": LoraOptions,
     "fuse": FuseOptions,
     "generate": GenerateOptions,
+    "serve": ServeOptions,
     "eval": EvalOptions,
     "export": ExportOptions,
     "data check": DataCheckOptions,

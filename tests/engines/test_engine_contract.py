@@ -498,3 +498,49 @@ def test_clear_cache_frees_the_allocator_cache_past_its_threshold(engine, tiny_m
         before = engine.adapter_tensors(model)
         engine.clear_cache(0)
         assert engine.adapter_tensors(model).keys() == before.keys()
+
+
+def test_steps_of_several_prompts_each_follow_their_own_settings(engine, tiny_model):
+    """generate_steps: every row what `generate` gives for it alone with its own settings (greedy, sampled with
+    its seed), log-probabilities that are the model's, and a cancelled row stops while the others go on."""
+    model, _ = with_adapter(engine, tiny_model)
+    tok = model.tokenizer
+    prompts = [tok.encode(text) for text in ("SELECT a FROM", "What is b when a", "t")]
+    rows = [dict(max_tokens=6, temp=0.0, top_p=1.0, seed=0, stop_ids=()),
+            dict(max_tokens=4, temp=0.9, top_p=0.8, seed=7, stop_ids=()),
+            dict(max_tokens=5, temp=0.0, top_p=1.0, seed=0, stop_ids=())]
+    got = [[] for _ in prompts]
+    for step in engine.generate_steps(model, prompts, rows, top_logprobs=3):
+        for row, (token, logprob, top) in step.items():
+            got[row].append(token)
+            assert len(top) == 3 and top[0][1] >= logprob - 1e-6 and logprob <= 0
+            if rows[row]["temp"] == 0:
+                assert top[0][0] == token
+    for row, prompt in enumerate(prompts):
+        settings = {k: v for k, v in rows[row].items() if k != "stop_ids"}
+        alone = list(engine.generate(model, prompt, max_tokens=settings["max_tokens"], temp=settings["temp"],
+                                     top_p=settings["top_p"], seed=settings["seed"]))
+        assert got[row] == alone
+    first = engine.logits(model, np.array([prompts[0]]))[0, -1].astype(np.float64)
+    step = next(engine.generate_steps(model, prompts[:1], rows[:1], top_logprobs=1))
+    assert step[0][1] == pytest.approx(log_softmax(first)[step[0][0]], abs=1e-4)
+    cancelled, seen = set(), [0, 0, 0]
+    for step in engine.generate_steps(model, prompts, rows, cancelled=cancelled):
+        for row in step:
+            seen[row] += 1
+            if row == 0 and seen[0] == 2:
+                cancelled.add(0)
+    assert seen == [2, 4, 5]
+
+
+def test_an_adapter_taken_off_leaves_the_base_as_it_was(engine, tiny_model):
+    base = load(engine, tiny_model)
+    tokens = batch_for(base).tokens
+    expected = engine.logits(base, tokens)
+    model, spec = with_adapter(engine, tiny_model)
+    tensors = engine.adapter_tensors(model)
+    engine.remove_adapter(model)
+    np.testing.assert_array_equal(engine.logits(model, tokens), expected)
+    engine.set_adapter(model, spec, tensors)
+    again, _ = with_adapter(engine, tiny_model)
+    np.testing.assert_array_equal(engine.logits(model, tokens), engine.logits(again, tokens))

@@ -40,6 +40,10 @@ An engine is a module with these functions (`Model` is the engine's own handle):
   generate_batch(model, prompts, max_tokens, temp, top_p, seed, stop_ids) -> [[token ids]]
                                                       several prompts at once; each answer equals
                                                       what `generate` gives for that prompt alone
+  generate_steps(model, prompts, rows, top_logprobs, cancelled)
+                                                      a step at a time, each prompt with its own settings:
+                                                      yields {row: (token, logprob, top tokens)}
+  remove_adapter(model)                               the base model again, as loaded
   fuse(model, save_dir)                               merged HF folder (safetensors)
   peak_memory() -> int                                bytes (device memory, or resident set on CPU)
   clear_cache(threshold)                              free the allocator's cached memory past threshold bytes

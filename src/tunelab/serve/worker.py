@@ -47,6 +47,7 @@ class Worker(threading.Thread):
         self.names = []               # the model names the server answers to, base first
         self.context = None           # the model's context length in tokens
         self.stopping = False
+        self.largest_batch = 0        # the most jobs one batch has held (for tests and the bench)
 
     # ---- loading ----------------------------------------------------------------------------------------
 
@@ -134,18 +135,21 @@ class Worker(threading.Thread):
     def _next_batch(self):
         """The oldest waiting job and the others for the same model that wait with it (up to --max-batch),
         after a moment's wait for more to arrive together."""
-        with self.lock:
-            while not self.pending and not self.stopping:
-                self.lock.wait()
-            if self.stopping:
-                return None
-        time.sleep(self.opts.batch_wait)
-        with self.lock:
-            first = self.pending[0]
-            batch = [job for job in self.pending if job.model == first.model][:self.opts.max_batch]
-            for job in batch:
-                self.pending.remove(job)
-        return batch
+        while True:
+            with self.lock:
+                while not self.pending and not self.stopping:
+                    self.lock.wait()
+                if self.stopping:
+                    return None
+            time.sleep(self.opts.batch_wait)
+            with self.lock:
+                if not self.pending:      # its clients went away meanwhile
+                    continue
+                first = self.pending[0]
+                batch = [job for job in self.pending if job.model == first.model][:self.opts.max_batch]
+                for job in batch:
+                    self.pending.remove(job)
+            return batch
 
     # ---- generation ----------------------------------------------------------------------------------------
 
@@ -161,6 +165,7 @@ class Worker(threading.Thread):
         self.attached = name
 
     def _generate(self, batch):
+        self.largest_batch = max(self.largest_batch, len(batch))
         self._use(batch[0].model)
         tokenizer = self.model.tokenizer
         texts = [_Text(tokenizer, job.stop) for job in batch]

@@ -505,24 +505,59 @@ def _pick(scores, temp, top_p, rng):
 
 def generate(m, prompt_ids, max_tokens=256, temp=0.0, top_p=1.0, seed=0, stop_ids=()):
     """Yield generated token ids one at a time (mlx-lm's KV cache), stopping at a stop id (not yielded)."""
+    for token, _, _ in _steps(m, prompt_ids, dict(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
+                                                    stop_ids=stop_ids)):
+        yield token
+
+
+def _steps(m, prompt_ids, settings, top_logprobs=None):
+    """(token, logprob, top) for one prompt, as generate_steps describes them."""
     from mlx_lm.models.cache import make_prompt_cache
 
     m.model.eval()
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(settings["seed"])
     cache = make_prompt_cache(m.model)
     ids = mx.array([[int(t) for t in prompt_ids]])
-    for _ in range(max_tokens):
+    for _ in range(settings["max_tokens"]):
         out = m.model(ids, cache=cache)
-        token = _pick(np.array(out[0, -1].astype(mx.float32)), temp, top_p, rng)
-        if token in stop_ids:
+        scores = np.array(out[0, -1].astype(mx.float32))
+        token = _pick(scores, settings["temp"], settings["top_p"], rng)
+        if token in settings["stop_ids"]:
             return
-        yield token
+        logprob, top = None, None
+        if top_logprobs is not None:
+            shifted = scores.astype(np.float64) - scores.max()
+            logprobs = shifted - np.log(np.exp(shifted).sum())
+            order = np.argsort(-logprobs, kind="stable")[:top_logprobs]
+            logprob, top = float(logprobs[token]), [(int(t), float(logprobs[t])) for t in order]
+        yield token, logprob, top
         ids = mx.array([[token]])
 
 
 def generate_batch(m, prompts, max_tokens=256, temp=0.0, top_p=1.0, seed=0, stop_ids=()):
     """Answers for several prompts, one prompt at a time (each exactly what `generate` gives)."""
     return [list(generate(m, p, max_tokens, temp, top_p, seed, stop_ids)) for p in prompts]
+
+
+def generate_steps(m, prompts, rows, top_logprobs=None, cancelled=frozenset()):
+    """The torch engine's generate_steps, a prompt at a time: {row: (token, logprob, top)} per token."""
+    for row, prompt in enumerate(prompts):
+        for entry in _steps(m, prompt, rows[row], top_logprobs):
+            if row in cancelled:
+                break
+            yield {row: entry}
+
+
+def remove_adapter(m):
+    """Take the adapters off, leaving the base model as it was loaded (nothing merged)."""
+    if m.spec is None:
+        return
+    plain = [(path, layer.linear) for path, layer in _lora_modules(m).items()]
+    if plain:
+        m.model.update_modules(tree_unflatten(plain))
+    m.model.freeze()
+    m.spec = None
+    m.prefix = None
 
 
 def fuse(m, save_dir, dequantize=True):

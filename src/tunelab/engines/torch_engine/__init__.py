@@ -626,15 +626,30 @@ def generate(m, prompt_ids, max_tokens=256, temp=0.0, top_p=1.0, seed=0, stop_id
         ids = torch.tensor([[token]], device=m.device)
 
 
-@torch.no_grad()
 def generate_batch(m, prompts, max_tokens=256, temp=0.0, top_p=1.0, seed=0, stop_ids=()):
-    """Answers (lists of token ids, stop token excluded) for several prompts at once.
+    """Answers (lists of token ids, stop token excluded) for several prompts at once, each what `generate`
+    gives for that prompt alone."""
+    rows = [dict(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, stop_ids=stop_ids)] * len(prompts)
+    answers = [[] for _ in prompts]
+    for step in generate_steps(m, prompts, rows):
+        for row, (token, _, _) in step.items():
+            answers[row].append(token)
+    return answers
 
-    Prompts are left-padded, with positions counted from each row's first real token, so every
-    row decodes as it would alone; a row stops at a stop id and the batch at the last row's stop.
+
+@torch.no_grad()
+def generate_steps(m, prompts, rows, top_logprobs=None, cancelled=frozenset()):
+    """Generate for several prompts at once, a step at a time: yields {row: (token, logprob, top)} for the
+    rows that produced a token at that step. `rows`: each prompt's settings (max_tokens, temp, top_p, seed,
+    stop_ids), its answer what `generate` gives for it alone; `top_logprobs`: None, or how many of the most
+    likely tokens to list in `top` as (token, logprob) (logprob: the model's, before temperature); a row
+    whose index is put in `cancelled` (a set the caller may add to between steps) stops.
+
+    Prompts are left-padded, with positions counted from each row's first real token, so every row
+    decodes as it would alone; the batch ends when its last row does.
     """
     _set_mode(m, False)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gens = [torch.Generator(device="cpu").manual_seed(row["seed"]) for row in rows]
     width = max(len(p) for p in prompts)
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
     attention = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -644,23 +659,51 @@ def generate_batch(m, prompts, max_tokens=256, temp=0.0, top_p=1.0, seed=0, stop
     ids, attention = ids.to(m.device), attention.to(m.device)
     positions = (attention.cumsum(1) - 1).clamp(min=0)
     cache_arg, last_only = _cache_arg(m), _last_logits_only(m)
-    past, answers = None, [[] for _ in prompts]
-    running = torch.ones(len(prompts), dtype=torch.bool)
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long)
-    for _ in range(max_tokens):
+    past, made = None, [0] * len(prompts)
+    running = set(range(len(prompts)))
+    while True:
+        running -= set(cancelled)
+        running = {row for row in running if made[row] < rows[row]["max_tokens"]}
+        if not running:
+            return
         out = m.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True,
                       **{cache_arg: past}, **last_only)
         past = getattr(out, cache_arg)
-        tokens = _pick(out.logits[:, -1].float().cpu(), temp, top_p, gen)   # [B]
-        running &= ~torch.isin(tokens, stop)
-        if not running.any():
-            break
-        for row in running.nonzero()[:, 0].tolist():
-            answers[row].append(int(tokens[row]))
+        scores = out.logits[:, -1].float().cpu()                                 # [B, V]
+        logprobs = torch.log_softmax(scores, -1) if top_logprobs is not None else None
+        tokens = torch.zeros(len(prompts), dtype=torch.long)
+        step = {}
+        for row in sorted(running):
+            settings = rows[row]
+            token = int(_pick(scores[row:row + 1], settings["temp"], settings["top_p"], gens[row])[0])
+            tokens[row] = token
+            if token in settings["stop_ids"]:
+                running.discard(row)
+                continue
+            made[row] += 1
+            entry = (None, None)
+            if logprobs is not None:
+                top = torch.topk(logprobs[row], max(top_logprobs, 1))
+                entry = (float(logprobs[row, token]),
+                         [(int(t), float(v)) for t, v in zip(top.indices, top.values)][:top_logprobs])
+            step[row] = (token, *entry)
+        if step:
+            yield step
         ids = tokens[:, None].to(m.device)
         attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
-    return answers
+
+
+def remove_adapter(m):
+    """Take the adapters off, leaving the base model as it was loaded (nothing merged)."""
+    if m.spec is None:
+        return
+    blocks.forget_packing(m.model)
+    m.model = m.model.unload()
+    m.spec = None
+    m.prefix = None
+    m.graphs = None
+    m.training = None
 
 
 def _cache_arg(m):
