@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from tunelab import atomic, engines, metrics, runs
+from tunelab import atomic, endpoints, engines, metrics, runs
 from tunelab.data.batching import collate, eval_batches
 from tunelab.data.formats import read_json_lines, read_rows
 from tunelab.data.templates import encode_rows, end_of_turn_ids, prompt_tokens, split_answer
@@ -56,9 +56,10 @@ class Row:
 @dataclass
 class Candidate:
     label: str
-    reference: str              # model reference, or the predictions file
+    reference: str              # model reference, or the predictions file, or an endpoint's URL
     adapter: str = None
     from_file: bool = False
+    served: str = None          # the model name at an OpenAI-compatible endpoint (reference: its base URL)
 
 
 @dataclass
@@ -110,6 +111,10 @@ def candidates(opts):
         out.append(Candidate("tuned", opts.model, adapter=opts.adapter_path))
     for entry in opts.compare or []:
         label, reference = _labelled(entry)
+        if endpoints.is_url(reference):
+            url, served = endpoints.split(reference)
+            out.append(Candidate(label or served or url, url, served=served or ""))
+            continue
         out.append(Candidate(label or Path(reference).name or reference, reference))
     for entry in opts.predictions or []:
         label, reference = _labelled(entry)
@@ -238,8 +243,10 @@ def bootstrap_loss_interval(sums, counts, seed=0):
 
 
 def summarize(candidate, outcome, metric_names):
-    result = {"reference": candidate.reference, "adapter": candidate.adapter,
-              "source": "predictions file" if candidate.from_file else "generated", "metrics": {}}
+    source = "predictions file" if candidate.from_file else "generated"
+    if candidate.served is not None:
+        source = f"endpoint (model {candidate.served})" if candidate.served else "endpoint"
+    result = {"reference": candidate.reference, "adapter": candidate.adapter, "source": source, "metrics": {}}
     for name in metric_names:
         if name == metrics.LOSS:
             if outcome.row_losses is None:
@@ -340,7 +347,7 @@ def evaluate(opts, log=print):
     split_path = Path(opts.data) / f"{opts.split}.jsonl"
     raw_rows, fmt, rows = load_rows(split_path, opts.num_rows)
     metric_names = list(dict.fromkeys(opts.metric or default_metrics(opts.data, rows)))
-    if metrics.LOSS in metric_names and not any(not c.from_file for c in todo):
+    if metrics.LOSS in metric_names and all(c.from_file or c.served is not None for c in todo):
         metric_names.remove(metrics.LOSS)
     if any(m.startswith("sql-") for m in metric_names) and not any(r.schema for r in rows):
         log(f"note: no row of {split_path} has a CREATE TABLE schema, so sql-exec counts every answer wrong")
@@ -354,6 +361,11 @@ def evaluate(opts, log=print):
             missing = sum(a is None for a in outcome.answers)
             if missing:
                 log(f"{c.reference}: {missing} of {len(rows)} rows have no answer and count as wrong")
+        elif c.served is not None:
+            log(f"\n{c.label}: {c.reference} (model {c.served or 'the first it lists'})")
+            started = time.perf_counter()
+            answers, generated = endpoints.answers(c.reference, c.served, rows, opts, c.label)
+            outcome = Outcome(answers, None, time.perf_counter() - started, generated)
         else:
             log(f"\n{c.label}: {c.reference}" + (f" + adapter {c.adapter}" if c.adapter else ""))
             outcome = from_model(c, raw_rows, fmt, rows, metric_names, opts, log)

@@ -302,3 +302,27 @@ def test_the_mlx_engine_serves_the_same_answers(tiny_llama, adapter_dir, served,
             assert ours == expected, name
     finally:
         worker.stop()
+
+
+def test_eval_scores_an_endpoint_as_it_scores_the_model_itself(tiny_llama, adapter_dir, served, tmp_path):
+    """eval --compare URL#name: the served adapter's answers are those eval generates for base + adapter."""
+    from tests.conftest import write_jsonl
+    from tunelab.cli import main
+
+    rows = [{"messages": [*MESSAGES[:1], {"role": "user", "content": f"What is a when b is {w}?"},
+                          {"role": "assistant", "content": f"SELECT a FROM t WHERE b = '{w}'"}]}
+            for w in ("x", "yy", "zzz")]
+    write_jsonl(tmp_path / "data" / "test.jsonl", rows)
+    assert not main(["eval", "--model", str(tiny_llama), "--adapter-path", str(adapter_dir), "--data",
+                     str(tmp_path / "data"), "--no-base", "--compare", f"{served[0]}/v1#sql", "--max-tokens", "10",
+                     "--metric", "exact", "--run-dir", str(tmp_path / "eval"), "--device", "cpu"])
+    from tunelab import runs
+
+    samples = [json.loads(line) for line in (tmp_path / "eval" / runs.EVAL_SAMPLES).read_text().splitlines()]
+    assert len(samples) == 3
+    for sample in samples:
+        assert sample["answers"]["sql"] == sample["answers"]["tuned"]
+    results = json.loads((tmp_path / "eval" / runs.EVAL_RESULTS).read_text())
+    assert results["models"]["sql"]["source"] == "endpoint (model sql)"
+    assert main(["eval", "--model", str(tiny_llama), "--data", str(tmp_path / "data"), "--no-base",
+                 "--compare", "http://127.0.0.1:9/v1#sql", "--run-dir", str(tmp_path / "eval2")]) == 2

@@ -283,12 +283,13 @@ async def _stream(job, events, shape, worker, request):
 
 def serve(opts, log=None):
     """`tunelab serve`: load the model, then answer HTTP requests until stopped (Ctrl-C)."""
-    try:
-        import fastapi  # noqa: F401  (create_app's)
-        import uvicorn
-    except ImportError as e:
-        raise UserError(f"tunelab serve needs packages that are not installed ({e}): pip install "
-                        "'tunelab[serve]'") from None
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"tunelab serve needs {' and '.join(missing)}, not installed: pip install 'tunelab[serve]'")
+    import uvicorn
+
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     adapters = parse.adapter_options(opts)
     worker = start_worker(opts, adapters, log)
