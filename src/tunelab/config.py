@@ -123,7 +123,8 @@ class LoraOptions:
                             "the completion of completions rows. --test alone measures the loss as the adapter was "
                             "trained, unless --mask-prompt or --no-mask-prompt says otherwise.", kind=bool)
     num_layers: int = opt(16, "Number of final layers to train (-1: all).")
-    batch_size: int = opt(4, "Rows per step (per micro-batch with --grad-accumulation-steps).")
+    batch_size: int = opt(4, "Rows per step (per micro-batch with --grad-accumulation-steps); in several processes "
+                          "(torchrun, --nproc) the global batch, shared among them.")
     grad_accumulation_steps: int = opt(1, "Micro-batches whose gradients make one optimizer step: the step "
                                        "sees batch-size x this rows, with the memory of one micro-batch.")
     iters: int = opt(1000, "Training steps.")
@@ -209,6 +210,9 @@ class LoraOptions:
     dtype: str = opt("auto", "Compute dtype (auto: bfloat16 on GPUs, and for --train on CPUs with bfloat16 matrix instructions, "
                      "adapters and optimizer state staying float32; else float32).",
                      choices=["auto", "float32", "bfloat16", "float16"])
+    nproc: int = opt(None, "Train in this many processes on this machine (torchrun, torch engine): each takes its "
+                     "share of every --batch-size rows (the global batch) and rank 0 writes. For several machines "
+                     "start `torchrun ... -m tunelab lora` yourself.", kind=int)
     quantize: int = opt(None, "QLoRA: load the base model's linear layers quantized to this many bits (mlx engine).",
                         kind=int, choices=[4, 8])
     q_group_size: int = opt(64, "Group size of --quantize (values sharing one scale and bias).", choices=[32, 64, 128])

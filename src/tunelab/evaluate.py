@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from tunelab import atomic, endpoints, engines, metrics, runs
+from tunelab import atomic, distributed, endpoints, engines, metrics, runs
 from tunelab.data.batching import collate, eval_batches
 from tunelab.data.formats import read_json_lines, read_rows
 from tunelab.data.templates import encode_rows, end_of_turn_ids, prompt_tokens, split_answer
@@ -30,11 +30,16 @@ BOOTSTRAP_SAMPLES = 2000
 
 def loss_and_ppl(engine, model, examples, batch_size, max_batches=-1):
     """Mean cross-entropy per supervised token over the batches, and exp of it."""
+    world = distributed.of(model)
     total, count = 0.0, 0
-    for batch in eval_batches(examples, batch_size, max_batches):
+    for i, batch in enumerate(eval_batches(examples, batch_size, max_batches)):
+        if i % world.size != world.rank:    # in several processes, each takes its share of the batches
+            continue
         sums, counts = engine.eval_loss(model, batch)
         total += float(sums.sum())
         count += int(counts.sum())
+    if world.size > 1:
+        total, count = engine.reduce_sum(model, [total, count])
     loss = total / max(count, 1)
     return loss, math.exp(loss)
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tunelab import adapters, atomic, checkpoints, engines, evaluate, models, optimizers, runs, schedules, tracking
+from tunelab import (adapters, atomic, checkpoints, distributed, engines, evaluate, models, optimizers, runs,
+                     schedules, tracking)
 from tunelab.data import hub
 from tunelab.data.batching import common_start, eval_batches, training_batches
 from tunelab.data.formats import quarantine, read_rows, scan_rows
@@ -39,6 +40,10 @@ def check_options(opts):
         problems.append(f"--num-layers: must be -1 (all) or at least 1, got {opts.num_layers}")
     problems += [f"--{n.replace('_', '-')}: must be at least 1, got {getattr(opts, n)}"
                  for n in ("keep_checkpoints", "max_bad_steps") if getattr(opts, n) < 1]
+    if opts.nproc is not None and opts.nproc < 1:
+        problems.append(f"--nproc: must be at least 1, got {opts.nproc}")
+    if opts.nproc and opts.nproc > 1 and engines.choose(opts.engine)[0] != "torch":
+        problems.append("--nproc: several processes train on the torch engine: pass --engine torch")
     if opts.resume and opts.resume_adapter_file:
         problems.append("--resume continues a run exactly from its checkpoint; --resume-adapter-file starts a new "
                         "one from an adapter's weights: pass one of them")
@@ -98,7 +103,7 @@ def load_split(model, data_dir, split, opts, log):
     path = Path(data_dir) / f"{split}.jsonl"
     if opts.skip_invalid:
         scanned, fmt, problems = scan_rows(path)
-        if problems:
+        if problems and distributed.of(model).main:
             dest = Path(opts.adapter_path or ".") / f"rejected-{split}.jsonl"
             dest.parent.mkdir(parents=True, exist_ok=True)
             skipped = quarantine(path, problems, dest)
@@ -159,6 +164,28 @@ class _StopRequest:
     def __exit__(self, *exc):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+
+class _NoMetrics:
+    """metrics.jsonl on ranks other than 0 (which alone writes)."""
+
+    def write(self, **record):
+        pass
+
+    def size(self):
+        return 0
+
+    def close(self):
+        pass
+
+
+def _stopping(engine, model, stop):
+    """Whether a signal asked the run to stop; in several processes, whether it reached any of them, so that
+    every rank stops after the same step."""
+    asked = stop.signum is not None
+    if distributed.of(model).size > 1:
+        asked = engine.reduce_sum(model, [float(asked)])[0] > 0
+    return asked
 
 
 def _collapse(loss, start, vocab_size, loop):
@@ -222,31 +249,37 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
         arrays, saved = resume
         engine.load_training_state(model, optimizer, arrays)
         loop.update(saved["loop"])
-        checkpoints.truncate_metrics(run_dir, saved["metrics_bytes"])
+        if distributed.of(model).main:
+            checkpoints.truncate_metrics(run_dir, saved["metrics_bytes"])
         if loop["step"] >= opts.iters or loop["done"]:
             log(f"The run in {run_dir} had finished at step {loop['step']}: nothing left to train")
     micro_batches = opts.grad_accumulation_steps
-    trackers = tracking.parse(opts.report_to)
+    world = distributed.of(model)
+    say = tqdm.write if world.main else (lambda *_: None)
+    trackers = tracking.parse(opts.report_to) if world.main else []
     metrics = runs.MetricsLog(run_dir, also=tracking.Trackers(
         trackers, run_dir, opts.project_name, dataclasses.asdict(opts),
-        resumed_at=loop["step"] if resume is not None else None, log=log) if trackers else None)
+        resumed_at=loop["step"] if resume is not None else None, log=log) if trackers else None) \
+        if world.main else _NoMetrics()
     batches = training_batches(train_set, opts.batch_size, opts.seed, start=loop["step"] * micro_batches)
     saved_step = loop["step"]
 
     def validate(step):
         loss, _ = evaluate.loss_and_ppl(engine, model, valid_set, opts.batch_size, opts.val_batches)
         metrics.write(step=step, val_loss=loss)
-        tqdm.write(f"Iter {step}: Val loss {loss:.3f}")
+        say(f"Iter {step}: Val loss {loss:.3f}")
         return loss
 
     def checkpoint(step):
         nonlocal saved_step
+        saved_step = step
+        if not world.main:
+            return
         checkpoints.write(run_dir, step, model.spec, engine.adapter_tensors(model),
                           engine.training_state(model, optimizer),
                           {"step": step, "metrics_bytes": metrics.size(),
                            "loop": dict(loop, step=step), "options": dataclasses.asdict(opts), **(record or {})},
                           opts.keep_checkpoints)
-        saved_step = step
 
     def judge(step):
         """After a validation: keep the best adapter, count validations without improvement, stop early."""
@@ -254,7 +287,7 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
         if task_rows is not None:   # a task metric: higher is better, so judged negated; ties go to the lower loss
             score = _task_score(engine, model, task_rows, opts)
             metrics.write(step=step, **{f"val_{opts.best_metric}": score})
-            tqdm.write(f"Iter {step}: Val {opts.best_metric} {score:.3f}")
+            say(f"Iter {step}: Val {opts.best_metric} {score:.3f}")
             value = [-score, loop["val_loss"]]
         if loop["best"] is not None and value >= loop["best"][1]:
             loop["stale"] += 1
@@ -262,7 +295,7 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
                 loop["done"] = True
             return
         loop["best"], loop["stale"] = [step, value], 0
-        if opts.keep_best and step > 0:
+        if opts.keep_best and step > 0 and world.main:
             record = {"step": step, "val_loss": loop["val_loss"]}
             if task_rows is not None:
                 record[opts.best_metric] = -value[0]
@@ -281,7 +314,7 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
         metrics.write(step=step, train_loss=loop["last_loss"], learning_rate=learning_rate(step),
                       grad_norm=window_norms / window_steps, iterations_per_s=window_steps / seconds,
                       tokens_per_s=tokens_per_s, peak_memory_gb=peak / 1e9)
-        tqdm.write(f"Iter {step}: Train loss {loop['last_loss']:.3f}, Learning Rate {learning_rate(step):.3e}, "
+        say(f"Iter {step}: Train loss {loop['last_loss']:.3f}, Learning Rate {learning_rate(step):.3e}, "
                    f"It/sec {window_steps / seconds:.3f}, Tokens/sec {tokens_per_s:.1f}, Peak mem {peak / 1e9:.3f} GB")
         loop["window"] = [0.0, 0, 0, 0.0]
         why = _collapse(loop["last_loss"], None, vocab_size, loop)
@@ -298,16 +331,19 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
             # Every row comes back: run the frozen blocks over all of them first, FILL_TOKENS positions a
             # batch, with a progress bar of its own (this time counts in the first report's speed).
             longest = max(len(ex.tokens) for ex in train_set)
-            groups = list(eval_batches(train_set, max(1, FILL_TOKENS // longest)))
+            mine = distributed.rows_of(train_set, opts.batch_size, world) if world.size > 1 else None
+            groups = list(eval_batches(train_set, max(1, FILL_TOKENS // longest), rows=mine))
             engine.fill_prefix(model, tqdm(groups, desc="Frozen blocks, once per row", unit="batch", leave=False,
-                                           dynamic_ncols=True, disable=None))
+                                           dynamic_ncols=True, disable=None if world.main else True))
         window_start, tokens_per_s = time.perf_counter(), 0.0
         with tqdm(total=opts.iters, initial=loop["step"], desc="Training", unit="it", dynamic_ncols=True,
-                  disable=None, bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining} {postfix}") as bar:
-            while loop["step"] < opts.iters and not loop["done"] and stop.signum is None:
+                  disable=None if world.main else True,
+                  bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining} {postfix}") as bar:
+            while loop["step"] < opts.iters and not loop["done"] and not _stopping(engine, model, stop):
                 step = loop["step"] + 1
                 micro = [next(batches) for _ in range(micro_batches)]
-                result = engine.train_step(model, optimizer, micro if len(micro) > 1 else micro[0],
+                mine = [distributed.shard(b, world) for b in micro]
+                result = engine.train_step(model, optimizer, mine if len(mine) > 1 else mine[0],
                                            learning_rate(step), opts.max_grad_norm)
                 engine.clear_cache(opts.clear_cache_threshold)
                 loop["step"] = step
@@ -319,7 +355,7 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
                 else:   # the engine left the weights and the optimizer as they were
                     loop["bad"] += 1
                     metrics.write(step=step, skipped="non-finite loss or gradient")
-                    tqdm.write(f"Iter {step}: loss {result.loss}: a NaN or infinite loss or gradient; step skipped")
+                    say(f"Iter {step}: loss {result.loss}: a NaN or infinite loss or gradient; step skipped")
                     if loop["bad"] >= opts.max_bad_steps:
                         refuse(step, f"loss or gradients were NaN or infinite {loop['bad']} steps in a row")
                 if (step % opts.steps_per_report == 0 or step == opts.iters) and loop["window"][1]:
@@ -339,6 +375,7 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
                                                    engine.peak_memory()), refresh=False)
                 bar.update(1)
         if loop["step"] < opts.iters and not loop["done"]:   # stopped by a signal
+            stop.signum = stop.signum or signal.SIGTERM           # (on a rank that only heard of it)
             if loop["step"] > saved_step:
                 checkpoint(loop["step"])
             where = (f"the checkpoint of step {saved_step} is in {run_dir}; resume with: {_resume_command(opts)}"
@@ -420,7 +457,7 @@ def _train(engine, model, model_dir, opts, resume_from, log):
     elif opts.resume_adapter_file:
         engine.set_adapter(model, spec, _start_weights(opts.resume_adapter_file, spec))
         log(f"Starting from the adapter weights in {opts.resume_adapter_file} (fresh optimizer, step 0)")
-    if resume is None:
+    if resume is None and distributed.of(model).main:
         runs.write_manifest(run_dir, dataclasses.asdict(opts), {"engine": engine.name, "device": str(model.device),
                             "dtype": str(model.dtype).split(".")[-1]}, model_dir, data_files)
     supervised = sum(int(ex.supervised.sum()) for ex in train_set)
@@ -445,7 +482,7 @@ def _train(engine, model, model_dir, opts, resume_from, log):
         log(f"Saving: {line}")
     train_loop(engine, model, train_set, valid_set, opts, run_dir, log=log, resume=resume,
                vocab_size=config.get("vocab_size"), record={"data": _hashes(data_files)})
-    if spec.full:   # the whole model, ready for transformers, mlx-lm, export and LM Studio
+    if spec.full and distributed.of(model).main:   # the whole model, for transformers, mlx-lm, export, LM Studio
         from tunelab.fuse import write_model
 
         with atomic.atomic_dir(run_dir / MODEL) as tmp:
@@ -527,8 +564,16 @@ def _from_hub(opts):
 
 
 def lora(opts, log=print):
-    """The `tunelab lora` stage. Returns {'test_loss', 'test_ppl'} when --test is given."""
+    """The `tunelab lora` stage. Returns {'test_loss', 'test_ppl'} when --test is given. Under torchrun (more
+    than one process), each process trains on its share of every batch and only rank 0 writes and logs."""
+    world = distributed.from_env()
+    if world.size > 1:
+        log = log if world.main else (lambda *_: None)
     check_options(opts)
+    if opts.nproc and world.size == 1:
+        return _launch(opts, log)
+    if world.size > 1:
+        _join(opts, world)
     opts = dataclasses.replace(opts, mask_prompt=_mask_prompt(opts, log))
     with contextlib.ExitStack() as stack:
         if _from_hub(opts):   # the rows as a data folder: in the run folder when training, else for this call only
@@ -539,18 +584,92 @@ def lora(opts, log=print):
         return _lora(opts, log, source if _from_hub(opts) else None)
 
 
-def _lora(opts, log, source):
-    created = not Path(opts.adapter_path).exists()
-    lock, resume_from = open_run(opts, log) if opts.train else (None, None)
+def _launch(opts, log):
+    """--nproc N: this command again in N processes on this machine, started by torchrun, its options passed
+    as a config file."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    values = {k: v for k, v in dataclasses.asdict(opts).items() if k != "nproc"}
+    with tempfile.TemporaryDirectory(prefix="tunelab-nproc-") as folder:
+        path = Path(folder) / "options.yaml"
+        path.write_text(yaml.safe_dump(values), encoding="utf-8")
+        log(f"Starting {opts.nproc} processes (torchrun --standalone --nproc-per-node {opts.nproc})")
+        code = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc-per-node={opts.nproc}", "-m", "tunelab", "lora", "-c", str(path)])
+    if code:
+        raise Stopped(f"the {opts.nproc} training processes ended with exit code {code} (their errors are above)",
+                      code if code < 128 else 1)
+    return {}
+
+
+def _join(opts, world):
+    """Join the other processes torchrun started (the torch engine's process group)."""
+    import importlib
+
+    if engines.choose(opts.engine)[0] != "torch":
+        raise UserError("several processes (torchrun) train on the torch engine: pass --engine torch "
+                        "(mlx.launch is not built yet)")
+    if opts.best_metric != "val_loss":
+        raise UserError(f"--best-metric {opts.best_metric}: in several processes only val_loss is built yet")
+    importlib.import_module(engines.ENGINES["torch"]).init_distributed(world)
+
+
+def _everyone(world, work):
+    """Run `work()` on rank 0 alone (the run folder's lock and checks, writing data), and give its result to
+    every rank; an error there is an error on every rank, so none waits for the others."""
+    if world.size == 1:
+        return work()
+    import importlib
+
+    share = importlib.import_module(engines.ENGINES["torch"]).share
+    if not world.main:
+        outcome = share(None)
+        if "error" in outcome:
+            raise UserError(outcome["error"])
+        return outcome["value"]
     try:
-        if source is not None and not Path(opts.data).is_dir():
-            splits = (["train", "valid"] if opts.train else []) + (["test"] if opts.test else [])
-            hub.write_folder(opts.data, splits, log=log, **source)
+        value = work()
+    except UserError as e:
+        share({"error": "rank 0: " + "; ".join(e.problems)})
+        raise
+    except BaseException as e:
+        share({"error": f"rank 0: {type(e).__name__}: {e}"})
+        raise
+    share({"value": value})
+    return value
+
+
+def _lora(opts, log, source):
+    world = distributed.from_env()
+    created = not Path(opts.adapter_path).exists()
+
+    held = {"lock": None}    # rank 0 holds the run folder's lock
+
+    def start():
+        held["lock"], resume_from = open_run(opts, log) if opts.train else (None, None)
+        try:
+            if source is not None and not Path(opts.data).is_dir():
+                splits = (["train", "valid"] if opts.train else []) + (["test"] if opts.test else [])
+                hub.write_folder(opts.data, splits, log=log, **source)
+        except BaseException:
+            if held["lock"] is not None:
+                held["lock"].release()
+            raise
+        return resume_from
+
+    resume_from = _everyone(world, start)
+    lock = held["lock"]
+    try:
         tested_adapter = opts.adapter_path if opts.test and not opts.train else None  # '' = the base model
         quantize = (opts.quantize, opts.q_group_size) if opts.quantize else None
         engine, model, model_dir = engines.load(opts.model, tested_adapter, opts.device, opts.dtype, log=log,
                                                 engine=opts.engine, quantize=quantize,
                                                 training=opts.train and opts.fine_tune_type != "full")
+        if world.size > 1:
+            model.world = world
         if opts.chat_template:
             set_chat_template(model.tokenizer, opts.chat_template)
         if opts.train:

@@ -67,9 +67,13 @@ def training_batches(examples, batch_size, seed, start=0):
         skip = 0
 
 
-def eval_batches(examples, batch_size, max_batches=-1):
-    """One pass in a fixed order; max_batches=-1 covers every row."""
+def eval_batches(examples, batch_size, max_batches=-1, rows=None):
+    """One pass in a fixed order; max_batches=-1 covers every row; `rows`: only these indices of `examples`."""
     groups = _length_groups(examples, batch_size)
+    if rows is not None:
+        picked = np.asarray(rows, dtype=np.int64)
+        order = picked[np.argsort([len(examples[i].tokens) for i in picked], kind="stable")]
+        groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if max_batches != -1:
         groups = groups[:max_batches]
     for g in groups:

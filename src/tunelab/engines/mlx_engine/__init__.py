@@ -57,6 +57,7 @@ class Model:
     prefix: PrefixCache = None
     seed: int = 0             # attach_lora's seed: with dropout, step k draws its masks from seed and k
     steps: int = 0            # training steps taken (saved in checkpoints, so a resumed run draws the same masks)
+    world: object = None      # one process (mlx.launch is not built yet)
 
 
 def pick_device(device="auto"):
@@ -590,6 +591,11 @@ def fuse(m, save_dir, dequantize=True):
             shutil.copy(m.model_dir / extra, save_dir / extra)
     m.spec = None
     m.prefix = None
+
+
+def reduce_sum(m, values):
+    """The values themselves: the mlx engine trains in one process."""
+    return [float(v) for v in values]
 
 
 def clear_cache(threshold=None):

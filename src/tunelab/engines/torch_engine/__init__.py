@@ -38,6 +38,7 @@ class Model:
     lean: bool = False           # blocks.py computes the loss (a llama-family model); else transformers' forward
     graphs: object = None        # graphs.Replays of the training step (CUDA), False when steps run eagerly
     training: object = None      # the mode `_set_mode` last put the model in (True, False), None when unknown
+    world: object = None         # distributed.World when training in several processes (torchrun)
 
 
 PREFIX_CACHE_BUDGET = 2 * 1024**3   # bytes of cached activations kept in memory
@@ -100,6 +101,54 @@ class PrefixCache:
         return False
 
 
+def init_distributed(world, timeout=60):
+    """Join torchrun's process group: gloo between CPU processes, NCCL between GPUs. A rank that stops
+    answering makes the others fail after `timeout` seconds instead of waiting for ever."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(world.local_rank)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+
+
+def share(value):
+    """Rank 0's `value` (any picklable object), on every rank of the process group."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def reduce_sum(m, values):
+    """The sums over every rank of `values` (floats), as float64; the values themselves in one process."""
+    world = m.world
+    if world is None or world.size == 1:
+        return [float(v) for v in values]
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64,
+                          device=m.device if m.device.type == "cuda" else "cpu")
+    dist.all_reduce(tensor)
+    return tensor.cpu().tolist()
+
+
+def _reduce_gradients(m, grads):
+    """Sum every rank's gradients, in one buffer (one collective a step)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    at = 0
+    for g in grads:
+        g.copy_(flat[at:at + g.numel()].view_as(g))
+        at += g.numel()
+
+
 def pick_device(device="auto"):
     if device != "auto":
         if device == "cuda" and not torch.cuda.is_available():
@@ -108,7 +157,8 @@ def pick_device(device="auto"):
             raise UserError("--device mps: MPS is not available here")
         return torch.device(device), "as asked"
     if torch.cuda.is_available():
-        return torch.device("cuda"), "a CUDA GPU is available"
+        local = int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
+        return torch.device("cuda", local), "a CUDA GPU is available"
     if torch.backends.mps.is_available():
         return torch.device("mps"), "Apple MPS is available"
     return torch.device("cpu"), "no GPU found"
@@ -562,21 +612,29 @@ def train_step(m, optimizer, batches, learning_rate=None, max_grad_norm=None):
     _set_mode(m, True)
     batches = batches if isinstance(batches, (list, tuple)) else [batches]
     total = sum(int(b.supervised[:, 1:].sum()) for b in batches)
+    distributed = m.world is not None and m.world.size > 1
+    if distributed:   # this rank's rows of the global batch: the loss is over every rank's tokens
+        total = int(reduce_sum(m, [total])[0])
     replays = _replays(m)
     loss_sum = 0.0
-    if replays is not None:   # recorded steps add into gradient tensors that stay in place
+    if replays is not None or distributed:   # gradients added into tensors that stay in place / are summed
         for p in m.model.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
     for batch in batches:
+        if not batch.tokens.shape[0]:    # no rows on this rank in this batch
+            continue
         if replays is not None and total:
             loss_sum += float(_replayed_loss(m, replays, batch, total)) * total
             continue
         losses, _ = _token_losses(m, batch)
         (losses.sum() / total).backward()
         loss_sum += float(losses.detach().sum())
-    value = loss_sum / total
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if distributed:
+        _reduce_gradients(m, grads)
+        loss_sum = reduce_sum(m, [loss_sum])[0]
+    value = loss_sum / total
     norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()))
     finite = bool(np.isfinite(value)) and bool(np.isfinite(norm))
     if finite:   # a step with a non-finite loss or gradient changes nothing
@@ -586,7 +644,7 @@ def train_step(m, optimizer, batches, learning_rate=None, max_grad_norm=None):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate
         optimizer.step()
-    optimizer.zero_grad(set_to_none=replays is None)
+    optimizer.zero_grad(set_to_none=replays is None and not distributed)
     return StepResult(value, total, finite, norm)
 
 

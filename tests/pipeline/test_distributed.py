@@ -1,0 +1,155 @@
+"""Training in two processes under torchrun (gloo, on this machine's CPUs) against one process with the same
+global batch and seed: the same logged losses and the same adapter, within float32 summation order (the
+ranks' gradients are summed in another order than one process sums its rows' gradients)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from tests.conftest import builtin_sql_data
+from tunelab import adapters, checkpoints, train
+from tunelab.config import LoraOptions
+
+pytestmark = pytest.mark.slow
+
+RTOL = 2e-5     # losses and adapter values: float32 sums in another order, over a few steps
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return builtin_sql_data(tmp_path_factory.mktemp("ddp") / "data", 30)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def args_of(model, data, run, changes):
+    base = {"model": str(model), "data": str(data), "iters": 6, "batch-size": 4, "num-layers": 1,
+            "learning-rate": 1e-3, "steps-per-report": 2, "steps-per-eval": 3, "save-every": 3, "val-batches": -1,
+            "adapter-path": str(run), "dtype": "float32", "engine": "torch"}
+    base.update(changes)
+    out = ["--train", "--mask-prompt"]
+    for key, value in base.items():
+        out += [f"--{key}", str(value)]
+    return out
+
+
+def torchrun(args, processes=2, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
+                             f"--master-port={free_port()}", "-m", "tunelab", "lora", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def logged(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_close_runs(run, reference):
+    ours, theirs = logged(run), logged(reference)
+    assert [sorted(k for k in r if "loss" in k) for r in ours] == [sorted(k for k in r if "loss" in k) for r in theirs]
+    for a, b in zip(ours, theirs):
+        for key in (k for k in a if "loss" in k):
+            assert a[key] == pytest.approx(b[key], rel=RTOL), (a["step"], key)
+    tensors, expected = load_file(str(run / adapters.MLX_WEIGHTS)), load_file(str(reference / adapters.MLX_WEIGHTS))
+    assert tensors.keys() == expected.keys()
+    for name in tensors:
+        np.testing.assert_allclose(tensors[name], expected[name], rtol=RTOL, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("changes", [
+    {},                                                   # LoRA, the frozen-prefix cache under the adapted block
+    {"grad-accumulation-steps": 2, "batch-size": 3},      # accumulation; a batch of 3 rows split 2 + 1
+    {"fine-tune-type": "full", "num-layers": 2},          # full fine-tuning of every block
+    {"fine-tune-type": "dora", "batch-size": 1},          # DoRA; one row a batch, so one rank has none each step
+])
+def test_two_processes_train_as_one(tiny_llama, data, tmp_path, changes):
+    one = tmp_path / "one"
+    opts = LoraOptions(**{k.replace("-", "_"): v for k, v in {
+        "model": str(tiny_llama), "data": str(data), "train": True, "mask_prompt": True, "iters": 6,
+        "batch_size": 4, "num_layers": 1, "learning_rate": 1e-3, "steps_per_report": 2, "steps_per_eval": 3,
+        "save_every": 3, "val_batches": -1, "adapter_path": str(one), "dtype": "float32", "engine": "torch",
+        **changes}.items()})
+    train.lora(opts, log=lambda *_: None)
+    two = tmp_path / "two"
+    process = torchrun(args_of(tiny_llama, data, two, changes))
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert out.count("Iter 6: Val loss") == 1          # rank 0 alone reports
+    assert_close_runs(two, one)
+    assert json.loads((two / "tunelab_run.json").read_text())["options"]["batch_size"] == opts.batch_size
+
+
+def test_a_checkpoint_of_two_processes_resumes_in_one(tiny_llama, data, tmp_path):
+    """The global batch, not the number of processes, is the run's: the two-process run's checkpoint of step 3
+    resumed in one process ends where the two processes ended."""
+    import shutil
+
+    two = tmp_path / "two"
+    process = torchrun(args_of(tiny_llama, data, two, {}))
+    assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
+    finished = tmp_path / "finished"
+    shutil.copytree(two, finished)
+    resumed = two                      # resumed where it ran (the run folder is one of the options)
+    shutil.rmtree(resumed / "checkpoints" / "step-0000006")
+    assert checkpoints.committed(resumed)[-1].name == "step-0000003"
+    opts = LoraOptions(model=str(tiny_llama), data=str(data), train=True, mask_prompt=True, iters=6, batch_size=4,
+                       num_layers=1, learning_rate=1e-3, steps_per_report=2, steps_per_eval=3, save_every=3,
+                       val_batches=-1, adapter_path=str(resumed), dtype="float32", engine="torch", resume=True)
+    lines = []
+    train.lora(opts, log=lines.append)
+    assert any("Resuming from" in line and "step 3 of 6" in line for line in lines)
+    assert_close_runs(resumed, finished)
+
+
+def test_a_killed_rank_stops_the_run_with_an_error_in_under_a_minute(tiny_llama, data, tmp_path):
+    process = torchrun(args_of(tiny_llama, data, tmp_path / "run", {"iters": 100000, "steps-per-eval": 100000,
+                                                                     "save-every": 100000}),
+                       start_new_session=True)
+    deadline = time.time() + 120
+    workers = []
+    while time.time() < deadline and len(workers) < 2:
+        found = subprocess.run(["pgrep", "-f", "-P", str(process.pid), "tunelab"], capture_output=True, text=True)
+        workers = [int(p) for p in found.stdout.split()]
+        time.sleep(0.5)
+    assert len(workers) == 2
+    while time.time() < deadline and not (tmp_path / "run" / "metrics.jsonl").is_file():
+        time.sleep(0.5)
+    time.sleep(2)
+    os.kill(workers[-1], signal.SIGKILL)
+    killed = time.time()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run went on for a minute after one of its processes was killed")
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)     # whatever of the group is left
+        except ProcessLookupError:
+            pass
+    assert process.returncode != 0 and time.time() - killed < 60
+
+
+def test_nproc_starts_torchrun_itself(tiny_llama, data, tmp_path):
+    from tunelab.cli import main
+
+    opts = LoraOptions(model=str(tiny_llama), data=str(data), train=True, mask_prompt=True, iters=6, batch_size=4,
+                       num_layers=1, learning_rate=1e-3, steps_per_report=2, steps_per_eval=3, save_every=3,
+                       val_batches=-1, adapter_path=str(tmp_path / "one"), dtype="float32", engine="torch")
+    train.lora(opts, log=lambda *_: None)
+    assert main(["lora", *args_of(tiny_llama, data, tmp_path / "two", {}), "--nproc", "2"]) == 0
+    assert_close_runs(tmp_path / "two", tmp_path / "one")
+    assert main(["lora", *args_of(tiny_llama, data, tmp_path / "three", {"engine": "mlx"}), "--nproc", "2"]) == 2
