@@ -7,7 +7,7 @@ chat prompts (builtin:sql questions with their schema).
   python bench/serve_load.py --clients 16 --requests 32 --max-tokens 48 \
       --server tunelab --server mlx_lm --server llama_cpp:tunelab-demo/smollm2-f16.gguf
 
-tunelab: `tunelab serve --model smollm2`; mlx_lm: `mlx_lm.server` on the embedded model's imported folder
+tunelab: `tunelab serve --model smollm2` (tunelab:N: --max-batch N, default 16); mlx_lm: `mlx_lm.server` on the embedded model's imported folder
 (mlx[cpu] on Linux: a reference BLAS, so not a speed comparison of MLX itself); llama_cpp:FILE:
 llama-cpp-python's server on a GGUF file (pip install 'llama-cpp-python[server]').
 """
@@ -18,9 +18,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from pathlib import Path
 
 
 def free_port():
@@ -40,9 +40,10 @@ def prompts(count):
 def start(kind, port, threads):
     from tunelab import models
 
-    if kind == "tunelab":
+    if kind.split(":")[0] == "tunelab":      # tunelab:N: batches of N at most (default 16)
+        batch = kind.split(":")[1] if ":" in kind else "16"
         command = [sys.executable, "-m", "tunelab", "serve", "--model", "smollm2", "--port", str(port),
-                   "--max-batch", "16", "--dtype", "float32"]
+                   "--max-batch", batch, "--dtype", "float32"]
         name = "smollm2"
     elif kind == "mlx_lm":
         folder = models.resolve("smollm2", log=lambda *_: None)
@@ -51,9 +52,12 @@ def start(kind, port, threads):
     else:
         gguf = kind.split(":", 1)[1]
         command = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
-                   "--n_threads", str(threads), "--chat_format", "chatml"]
-        name = Path(gguf).name
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                   "--n_threads", str(threads), "--n_ctx", "2048",   # the chat template is the file's own
+                   "--interrupt_requests", "False"]   # by default a new request cuts the running one short
+        name = gguf
+    log = tempfile.TemporaryFile(mode="w+")    # a pipe would fill up with the server's own log and stall it
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    process.log = log
     return process, name
 
 
@@ -63,7 +67,8 @@ def wait_ready(port, process, timeout=600):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(process.stderr.read())
+            process.log.seek(0)
+            raise RuntimeError(process.log.read()[-3000:])
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
                 return
@@ -76,6 +81,11 @@ def wait_ready(port, process, timeout=600):
 def load(port, name, messages, clients, requests, max_tokens):
     import openai
 
+    from transformers import AutoTokenizer
+
+    from tunelab import models
+
+    tokenizer = AutoTokenizer.from_pretrained(str(models.resolve("smollm2", log=lambda *_: None)))
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=3600)
     todo = list(range(requests))
     lock = threading.Lock()
@@ -88,16 +98,20 @@ def load(port, name, messages, clients, requests, max_tokens):
                     return
                 i = todo.pop()
             started = time.perf_counter()
-            first, count = None, 0
+            first, count, text = None, None, []
             try:
                 stream = client.chat.completions.create(model=name, messages=messages[i % len(messages)],
                                                         temperature=0, max_tokens=max_tokens, stream=True,
                                                         stream_options={"include_usage": True})
                 for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content and first is None:
-                        first = time.perf_counter() - started
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        text.append(chunk.choices[0].delta.content)
+                        if first is None:
+                            first = time.perf_counter() - started
                     if chunk.usage is not None:
                         count = chunk.usage.completion_tokens
+                if count is None:   # a server that does not send usage: the answer's tokens, counted here
+                    count = len(tokenizer.encode("".join(text), add_special_tokens=False))
             except Exception as e:   # a failed request is counted and shown
                 with lock:
                     failures.append(repr(e)[:200])
@@ -140,7 +154,7 @@ def main():
         finally:
             process.terminate()
             process.wait(timeout=60)
-        print(json.dumps({"server": kind.split(":")[0], "clients": args.clients, "max_tokens": args.max_tokens,
+        print(json.dumps({"server": kind if kind.startswith("tunelab") else kind.split(":")[0], "clients": args.clients, "max_tokens": args.max_tokens,
                           **result}), flush=True)
 
 
