@@ -1,6 +1,7 @@
 """The HTTP side of `tunelab serve`: FastAPI routes in OpenAI's shapes, served by uvicorn."""
 
 import asyncio
+import copy
 import json
 import secrets
 import sys
@@ -29,6 +30,9 @@ def create_app(worker, opts, log=print):
     from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI(title="tunelab", docs_url=None, redoc_url=None, openapi_url=None)
+    # the requests' own copy of the tokenizer: a Rust tokenizer used from two threads at once can fail
+    # ("Already borrowed"), and the worker thread decodes while requests are encoded here
+    tokenizer = copy.deepcopy(worker.model.tokenizer)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -64,7 +68,6 @@ def create_app(worker, opts, log=print):
 
     async def run(request, chat):
         body = await _json_body(request)
-        tokenizer = worker.model.tokenizer
         model = body.get("model")
         if model not in worker.names:
             raise ApiError(404, f"the model {model!r} does not exist here (this server has "
