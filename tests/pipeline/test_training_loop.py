@@ -27,11 +27,21 @@ def metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_logged_learning_rates_follow_the_schedule_and_epochs_set_the_length(tiny_llama, data, tmp_path):
+ENGINES = ["torch", "mlx"]
+
+
+def engine_named(name):
+    engine_module(name)     # mlx: skipped where it is not installed (outside CI)
+    return name
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_logged_learning_rates_follow_the_schedule_and_epochs_set_the_length(tiny_llama, data, tmp_path, engine):
     opts = replace(LoraOptions(), model=str(tiny_llama), data=str(data), train=True, epochs=3, batch_size=2,
                    grad_accumulation_steps=2, num_layers=1, mask_prompt=True, learning_rate=1e-3,
                    lr_schedule="cosine", warmup=2, min_lr=1e-5, steps_per_report=1, steps_per_eval=100,
-                   adapter_path=str(tmp_path / "run"), dtype="float32", engine="torch")
+                   max_grad_norm=0.5, adapter_path=str(tmp_path / "run"), dtype="float32",
+                   engine=engine_named(engine))
     lines = []
     train.lora(opts, log=lines.append)
     per_epoch = math.ceil(math.ceil(21 / 2) / 2)
@@ -82,10 +92,12 @@ def loop_options(model, data, run, **changes):
                                           adapter_path=str(run), dtype="float32", engine="torch"), **changes})
 
 
-def test_keep_best_keeps_the_adapter_of_the_lowest_validation_loss(tiny_llama, data, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_keep_best_keeps_the_adapter_of_the_lowest_validation_loss(tiny_llama, data, tmp_path, engine):
     run = tmp_path / "run"
     lines = []
-    train.lora(loop_options(tiny_llama, data, run, iters=16, learning_rate=3e-2, keep_best=True), log=lines.append)
+    train.lora(loop_options(tiny_llama, data, run, iters=16, learning_rate=3e-2, keep_best=True,
+                            engine=engine_named(engine)), log=lines.append)
     validations = [(m["step"], m["val_loss"]) for m in metrics(run) if "val_loss" in m and m["step"] > 0]
     step, loss = min(validations, key=lambda v: (v[1], v[0]))
     config = json.loads((run / "best" / "adapter_config.json").read_text())
@@ -96,8 +108,8 @@ def test_keep_best_keeps_the_adapter_of_the_lowest_validation_loss(tiny_llama, d
     check.mkdir()
     (check / "test.jsonl").write_bytes((data / "valid.jsonl").read_bytes())
     seen = []
-    result = train.lora(loop_options(tiny_llama, check, run / "best", train=False, test=True, test_batches=-1),
-                        log=seen.append)
+    result = train.lora(loop_options(tiny_llama, check, run / "best", train=False, test=True, test_batches=-1,
+                                     engine=engine), log=seen.append)
     assert result["test_loss"] == pytest.approx(loss, rel=1e-6)
     assert any(f"(step {step}, validation loss {loss:.3f})" in line for line in seen)
 
