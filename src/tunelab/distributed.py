@@ -1,4 +1,5 @@
-"""Training in several processes started by torchrun (one per device or CPU socket), engine-neutral.
+"""Training in several processes started by torchrun (torch engine: one per GPU or CPU socket) or by
+mlx.launch (mlx engine: one per Mac), engine-neutral.
 
 Every process (rank) builds the same global batches, in the same order, from the same seed; rank r
 takes rows r, r + N, r + 2N, ... of each (the rows of a batch are the same every epoch, so each row
@@ -16,6 +17,15 @@ import numpy as np
 from tunelab.data.batching import Batch, _length_groups
 
 
+TIMEOUT = 60    # seconds a process waits for the others in one exchange before it gives up
+
+
+def timeout():
+    """TIMEOUT, or TUNELAB_COLLECTIVE_TIMEOUT seconds: raise it where rank 0's checkpoint writes (which the
+    others wait for at their next exchange) take longer, as for full fine-tunes of large models."""
+    return int(os.environ.get("TUNELAB_COLLECTIVE_TIMEOUT") or TIMEOUT)
+
+
 @dataclass(frozen=True)
 class World:
     rank: int = 0
@@ -30,8 +40,19 @@ class World:
 SINGLE = World()
 
 
+@dataclass(frozen=True)
+class MlxWorld(World):
+    """A world started by mlx.launch (the mlx engine)."""
+
+
 def from_env():
-    """The world torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
+    """The world torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK), or the one mlx.launch
+    started (MLX_RANK and its hostfile: the size comes from MLX's own group), or a single process."""
+    if os.environ.get("MLX_RANK") is not None and os.environ.get("MLX_HOSTFILE"):
+        import mlx.core as mx
+
+        group = mx.distributed.init()
+        return MlxWorld(group.rank(), group.size()) if group.size() > 1 else SINGLE
     size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if size <= 1:
         return SINGLE

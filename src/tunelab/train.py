@@ -605,16 +605,23 @@ def _launch(opts, log):
     return {}
 
 
-def _join(opts, world):
-    """Join the other processes torchrun started (the torch engine's process group)."""
+def _engine_of(world):
+    """The engine module whose launcher started `world`: mlx for mlx.launch, torch for torchrun."""
     import importlib
 
-    if engines.choose(opts.engine)[0] != "torch":
-        raise UserError("several processes (torchrun) train on the torch engine: pass --engine torch "
-                        "(mlx.launch is not built yet)")
+    return importlib.import_module(engines.ENGINES["mlx" if isinstance(world, distributed.MlxWorld) else "torch"])
+
+
+def _join(opts, world):
+    """Join the other processes torchrun (torch engine) or mlx.launch (mlx engine) started."""
+    wanted = "mlx" if isinstance(world, distributed.MlxWorld) else "torch"
+    launcher = "mlx.launch" if wanted == "mlx" else "torchrun"
+    if engines.choose(opts.engine)[0] != wanted:
+        raise UserError(f"several processes started by {launcher} train on the {wanted} engine: pass "
+                        f"--engine {wanted}")
     if opts.best_metric != "val_loss":
         raise UserError(f"--best-metric {opts.best_metric}: in several processes only val_loss is built yet")
-    importlib.import_module(engines.ENGINES["torch"]).init_distributed(world)
+    _engine_of(world).init_distributed(world)
 
 
 def _everyone(world, work):
@@ -622,9 +629,7 @@ def _everyone(world, work):
     every rank; an error there is an error on every rank, so none waits for the others."""
     if world.size == 1:
         return work()
-    import importlib
-
-    share = importlib.import_module(engines.ENGINES["torch"]).share
+    share = _engine_of(world).share
     if not world.main:
         outcome = share(None)
         if "error" in outcome:

@@ -10,8 +10,12 @@ On Linux, `mlx[cpu]` links a reference BLAS tens of times slower than OpenBLAS: 
 correct there, not fast. Use it for real training on Apple silicon.
 """
 
+import contextlib
 import json
+import os
 import shutil
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +61,7 @@ class Model:
     prefix: PrefixCache = None
     seed: int = 0             # attach_lora's seed: with dropout, step k draws its masks from seed and k
     steps: int = 0            # training steps taken (saved in checkpoints, so a resumed run draws the same masks)
-    world: object = None      # one process (mlx.launch is not built yet)
+    world: object = None      # distributed.World when training in several processes (mlx.launch)
 
 
 def pick_device(device="auto"):
@@ -449,8 +453,14 @@ def train_step(m, optimizer, batches, learning_rate=None, max_grad_norm=None):
     m.steps += 1
     batches = batches if isinstance(batches, (list, tuple)) else [batches]
     total = sum(int(b.supervised[:, 1:].sum()) for b in batches)
+    distributed = m.world is not None and m.world.size > 1
+    if distributed:   # this process's rows of the global batch: the loss is over every process's tokens
+        total = int(reduce_sum(m, [total])[0])
     loss_sum, grads = 0.0, None
     for batch in batches:
+        if not batch.tokens.shape[0]:    # no rows in this process in this batch
+            continue
+
         def loss_fn(model):        # `model` is m.model, its trainable arrays swapped in by value_and_grad
             losses, _ = _token_losses(m, batch)
             return losses.sum() / total
@@ -459,6 +469,13 @@ def train_step(m, optimizer, batches, learning_rate=None, max_grad_norm=None):
         grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
         mx.eval(grads, part)
         loss_sum += float(part) * total
+    if distributed:
+        if grads is None:
+            grads = tree_map(mx.zeros_like, m.model.trainable_parameters())
+        grads = tree_map(lambda g: mx.distributed.all_sum(g, stream=mx.cpu), grads)
+        with _deadline():
+            mx.eval(grads)
+        loss_sum = reduce_sum(m, [loss_sum])[0]
     value = loss_sum / total
     norm = float(mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads))))
     finite = bool(np.isfinite(value)) and bool(np.isfinite(norm))
@@ -593,9 +610,59 @@ def fuse(m, save_dir, dequantize=True):
     m.prefix = None
 
 
+def init_distributed(world):
+    """Join mlx.launch's group (ring, MPI or another backend MLX picked from the launch)."""
+    mx.distributed.init()
+
+
+@contextlib.contextmanager
+def _deadline():
+    """MLX's collectives wait for ever for a process that died (and mlx.launch leaves the others running):
+    past distributed.TIMEOUT seconds in one, this process says so and exits."""
+    from tunelab import distributed
+
+    def give_up():
+        rank = mx.distributed.init().rank()
+        print(f"tunelab: rank {rank}: no answer from the other processes in {distributed.timeout()} s (one of "
+              f"them has stopped?); stopping", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    timer = threading.Timer(distributed.timeout(), give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _all_sum(array):
+    """The sum over every process of `array`, evaluated (within the deadline)."""
+    summed = mx.distributed.all_sum(array, stream=mx.cpu)
+    with _deadline():
+        mx.eval(summed)
+    return summed
+
+
 def reduce_sum(m, values):
-    """The values themselves: the mlx engine trains in one process."""
-    return [float(v) for v in values]
+    """The sums over every process of `values` (floats; counts stay exact below 2^24); the values themselves
+    in one process."""
+    if m.world is None or m.world.size == 1:
+        return [float(v) for v in values]
+    return [float(v) for v in np.array(_all_sum(mx.array([float(v) for v in values], dtype=mx.float32)))]
+
+
+def share(value):
+    """Rank 0's `value` (any picklable object) on every process: its bytes summed with zeros elsewhere."""
+    import pickle
+
+    group = mx.distributed.init()
+    raw = pickle.dumps(value) if group.rank() == 0 else b""
+    size = int(np.array(_all_sum(mx.array([len(raw)], dtype=mx.int32)))[0])
+    mine = np.zeros(size, dtype=np.int32)
+    if group.rank() == 0:
+        mine[:] = np.frombuffer(raw, dtype=np.uint8)
+    return pickle.loads(np.array(_all_sum(mx.array(mine))).astype(np.uint8).tobytes())
 
 
 def clear_cache(threshold=None):

@@ -101,13 +101,17 @@ class PrefixCache:
         return False
 
 
-def init_distributed(world, timeout=60):
+def init_distributed(world):
     """Join torchrun's process group: gloo between CPU processes, NCCL between GPUs. A rank that stops
-    answering makes the others fail after `timeout` seconds instead of waiting for ever."""
+    answering makes the others fail after distributed.timeout() seconds instead of waiting for ever (torchrun
+    itself also stops the others when one dies)."""
     import datetime
 
     import torch.distributed as dist
 
+    from tunelab import distributed
+
+    timeout = distributed.timeout()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
