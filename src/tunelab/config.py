@@ -213,6 +213,8 @@ class LoraOptions:
     nproc: int = opt(None, "Train in this many processes on this machine (torchrun, torch engine): each takes its "
                      "share of every --batch-size rows (the global batch) and rank 0 writes. For several machines "
                      "start `torchrun ... -m tunelab lora` yourself.", kind=int)
+    shard: bool = opt(False, "In several torch processes, split every block's weights (and their adapters and "
+                      "optimizer state) over them (FSDP2), for models that do not fit one device; LoRA and DoRA.")
     quantize: int = opt(None, "QLoRA: load the base model's linear layers quantized to this many bits (mlx engine).",
                         kind=int, choices=[4, 8])
     q_group_size: int = opt(64, "Group size of --quantize (values sharing one scale and bias).", choices=[32, 64, 128])

@@ -31,14 +31,15 @@ BOOTSTRAP_SAMPLES = 2000
 def loss_and_ppl(engine, model, examples, batch_size, max_batches=-1):
     """Mean cross-entropy per supervised token over the batches, and exp of it."""
     world = distributed.of(model)
+    shared = world.size > 1 and not getattr(model, "sharded", False)   # sharded: every process runs every batch
     total, count = 0.0, 0
     for i, batch in enumerate(eval_batches(examples, batch_size, max_batches)):
-        if i % world.size != world.rank:    # in several processes, each takes its share of the batches
+        if shared and i % world.size != world.rank:    # in several processes, each takes its share of the batches
             continue
         sums, counts = engine.eval_loss(model, batch)
         total += float(sums.sum())
         count += int(counts.sum())
-    if world.size > 1:
+    if shared:
         total, count = engine.reduce_sum(model, [total, count])
     loss = total / max(count, 1)
     return loss, math.exp(loss)

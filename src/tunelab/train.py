@@ -40,6 +40,13 @@ def check_options(opts):
         problems.append(f"--num-layers: must be -1 (all) or at least 1, got {opts.num_layers}")
     problems += [f"--{n.replace('_', '-')}: must be at least 1, got {getattr(opts, n)}"
                  for n in ("keep_checkpoints", "max_bad_steps") if getattr(opts, n) < 1]
+    if opts.shard and opts.fine_tune_type == "full":
+        problems.append("--shard: full fine-tuning of sharded blocks is not built yet (lora and dora are)")
+    if opts.shard and opts.resume:
+        problems.append("--shard: resuming a sharded run is not built yet; --resume-adapter-file starts from its "
+                        "adapter")
+    if opts.shard and opts.best_metric != "val_loss":
+        problems.append("--shard: --best-metric other than val_loss is not built yet")
     if opts.nproc is not None and opts.nproc < 1:
         problems.append(f"--nproc: must be at least 1, got {opts.nproc}")
     if opts.nproc and opts.nproc > 1 and engines.choose(opts.engine)[0] != "torch":
@@ -273,10 +280,12 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
     def checkpoint(step):
         nonlocal saved_step
         saved_step = step
+        if not world.main and not opts.shard:
+            return
+        tensors, state = engine.adapter_tensors(model), engine.training_state(model, optimizer)   # sharded: on all
         if not world.main:
             return
-        checkpoints.write(run_dir, step, model.spec, engine.adapter_tensors(model),
-                          engine.training_state(model, optimizer),
+        checkpoints.write(run_dir, step, model.spec, tensors, state,
                           {"step": step, "metrics_bytes": metrics.size(),
                            "loop": dict(loop, step=step), "options": dataclasses.asdict(opts), **(record or {})},
                           opts.keep_checkpoints)
@@ -295,12 +304,14 @@ def train_loop(engine, model, train_set, valid_set, opts, run_dir, log=print, re
                 loop["done"] = True
             return
         loop["best"], loop["stale"] = [step, value], 0
-        if opts.keep_best and step > 0 and world.main:
+        if opts.keep_best and step > 0 and (world.main or opts.shard):
             record = {"step": step, "val_loss": loop["val_loss"]}
             if task_rows is not None:
                 record[opts.best_metric] = -value[0]
-            with atomic.atomic_dir(run_dir / BEST) as tmp:
-                adapters.save(tmp, model.spec, engine.adapter_tensors(model), extra_config={"tunelab": record})
+            tensors = engine.adapter_tensors(model)     # sharded weights are gathered by every process
+            if world.main:
+                with atomic.atomic_dir(run_dir / BEST) as tmp:
+                    adapters.save(tmp, model.spec, tensors, extra_config={"tunelab": record})
 
     def refuse(step, what):
         kept = f"{run_dir} keeps the checkpoint of step {saved_step}" if saved_step else "no adapter was saved"
@@ -446,6 +457,14 @@ def _train(engine, model, model_dir, opts, resume_from, log):
     engine.attach_lora(model, spec, seed=opts.seed)
     if opts.grad_checkpoint:
         engine.grad_checkpoint(model)
+    if opts.shard and resume_from is None and opts.resume_adapter_file:
+        engine.set_adapter(model, spec, _start_weights(opts.resume_adapter_file, spec))
+        opts = dataclasses.replace(opts, resume_adapter_file=None)   # its weights are in, before the sharding
+        log("Started from the adapter weights given (fresh optimizer, step 0)")
+    if opts.shard:
+        engine.shard(model)
+        log(f"Sharding: every block's weights split over the {distributed.of(model).size} processes (FSDP2); "
+            "each block gathered for its own forward and backward")
     run_dir = Path(opts.adapter_path)
     data_files = _data_files(opts)
     resume = None
@@ -572,6 +591,8 @@ def lora(opts, log=print):
     check_options(opts)
     if opts.nproc and world.size == 1:
         return _launch(opts, log)
+    if opts.shard and not opts.nproc:
+        _check_shard(opts, world)
     if world.size > 1:
         _join(opts, world)
     opts = dataclasses.replace(opts, mask_prompt=_mask_prompt(opts, log))
@@ -581,7 +602,10 @@ def lora(opts, log=print):
                 Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tunelab-data-"))) / HUB_DATA
             source = {"hf_dataset": opts.hf_dataset, "data_id": None if opts.hf_dataset else opts.data}
             opts = dataclasses.replace(opts, data=str(folder))
-        return _lora(opts, log, source if _from_hub(opts) else None)
+        result = _lora(opts, log, source if _from_hub(opts) else None)
+    if world.size > 1:
+        _engine_of(world).finish_distributed()
+    return result
 
 
 def _launch(opts, log):
@@ -610,6 +634,18 @@ def _engine_of(world):
     import importlib
 
     return importlib.import_module(engines.ENGINES["mlx" if isinstance(world, distributed.MlxWorld) else "torch"])
+
+
+def _check_shard(opts, world):
+    """--shard needs several torch processes, and a batch with a row for each (every process runs each
+    block's forward and backward together with the others)."""
+    problems = []
+    if isinstance(world, distributed.MlxWorld) or world.size == 1:
+        problems.append("--shard splits the weights over several torch processes: start them with torchrun or "
+                        "--nproc (torch engine)")
+    elif opts.batch_size < world.size:
+        problems.append(f"--shard: --batch-size {opts.batch_size} gives some of the {world.size} processes no row")
+    UserError.raise_if(problems)
 
 
 def _join(opts, world):

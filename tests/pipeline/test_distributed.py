@@ -57,7 +57,7 @@ def logged(run):
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_close_runs(run, reference):
+def assert_close_runs(run, reference, atol=1e-7):
     ours, theirs = logged(run), logged(reference)
     assert [sorted(k for k in r if "loss" in k) for r in ours] == [sorted(k for k in r if "loss" in k) for r in theirs]
     for a, b in zip(ours, theirs):
@@ -66,7 +66,7 @@ def assert_close_runs(run, reference):
     tensors, expected = load_file(str(run / adapters.MLX_WEIGHTS)), load_file(str(reference / adapters.MLX_WEIGHTS))
     assert tensors.keys() == expected.keys()
     for name in tensors:
-        np.testing.assert_allclose(tensors[name], expected[name], rtol=RTOL, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(tensors[name], expected[name], rtol=RTOL, atol=atol, err_msg=name)
 
 
 @pytest.mark.parametrize("changes", [
@@ -209,3 +209,19 @@ def test_two_mlx_processes_train_as_one(tiny_llama, data, tmp_path, changes):
     assert process.returncode == 0, err[-3000:]
     assert out.count("Iter 6: Val loss") == 1
     assert_close_runs(tmp_path / "two", one)
+
+
+@pytest.mark.parametrize("changes", [{}, {"fine-tune-type": "dora", "num-layers": 2}])
+def test_sharded_blocks_train_as_data_parallel_does(tiny_llama, data, tmp_path, changes):
+    """--shard (FSDP2 over gloo): the same losses and adapter as plain data parallel, the files the same kind."""
+    plain = torchrun(args_of(tiny_llama, data, tmp_path / "ddp", changes))
+    assert plain.wait(timeout=300) == 0, plain.stderr.read()[-3000:]
+    sharded = torchrun([*args_of(tiny_llama, data, tmp_path / "fsdp", changes), "--shard"])
+    out, err = sharded.communicate(timeout=300)
+    assert sharded.returncode == 0, err[-3000:]
+    assert "Sharding: every block's weights split over the 2 processes" in out
+    # FSDP2 reduces each block's gradients in its own order, and Adam divides by the root of their square: where
+    # a gradient is near zero an adapter value may move differently by up to 2% of one step (learning rate
+    # 1e-3; seen: 1.6e-5 in one value of 512, DoRA), so 2e-5 absolute on top of 2e-5 relative
+    assert_close_runs(tmp_path / "fsdp", tmp_path / "ddp", atol=2e-5)
+    adapters.load(tmp_path / "fsdp")

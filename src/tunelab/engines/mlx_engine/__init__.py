@@ -615,6 +615,10 @@ def init_distributed(world):
     mx.distributed.init()
 
 
+def finish_distributed():
+    """Nothing to close: MLX's group ends with the process."""
+
+
 @contextlib.contextmanager
 def _deadline():
     """MLX's collectives wait for ever for a process that died (and mlx.launch leaves the others running):

@@ -39,6 +39,7 @@ class Model:
     graphs: object = None        # graphs.Replays of the training step (CUDA), False when steps run eagerly
     training: object = None      # the mode `_set_mode` last put the model in (True, False), None when unknown
     world: object = None         # distributed.World when training in several processes (torchrun)
+    sharded: bool = False        # the blocks' weights are split over the processes (FSDP2)
 
 
 PREFIX_CACHE_BUDGET = 2 * 1024**3   # bytes of cached activations kept in memory
@@ -119,6 +120,16 @@ def init_distributed(world):
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
 
 
+def finish_distributed():
+    """Leave the process group once every process is done (gloo's threads abort the process when it exits
+    with the group still open)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def share(value):
     """Rank 0's `value` (any picklable object), on every rank of the process group."""
     import torch.distributed as dist
@@ -126,6 +137,31 @@ def share(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def shard(m):
+    """FSDP2 (`fully_shard`) on every decoder block: its weights, adapters and their optimizer state are split
+    over the processes and gathered for the block's forward and backward. The loss then runs through
+    transformers' forward (blocks.py computes from the weights directly) and without the frozen-prefix cache
+    (every process must run every block, in step). FSDP2 averages the gradients over the processes (a plain
+    sum, its PREMUL_SUM, is not in gloo): train_step scales each process's loss up by their number, so the
+    average is the sum the loss over the global batch needs."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks.forget_packing(m.model)
+    for layer in _base_lm(m).model.layers:
+        fully_shard(layer)
+    m.lean, m.prefix, m.graphs, m.sharded = False, None, False, True
+
+
+def _local(tensor):
+    """A tensor's own part: a sharded one's local shard."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _whole(tensor):
+    """A tensor whole: a sharded one gathered from every process (all must call this together)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def reduce_sum(m, values):
@@ -392,10 +428,16 @@ def _adapter_weights(m, layer):
 
 
 def adapter_tensors(m):
+    """Numpy copies of the trained tensors (sharded ones gathered: every process must call this together)."""
     if m.spec.full:
-        return {n: p.detach().float().cpu().numpy().copy() for n, p in _full_weights(m).items()}
-    return {module: tuple(w.detach().float().cpu().numpy().copy() for w in _adapter_weights(m, layer))
-            for module, layer in _lora_modules(m).items()}
+        return {n: _numpy(p) for n, p in _full_weights(m).items()}
+    return {module: tuple(_numpy(w) for w in _adapter_weights(m, layer)) for module, layer in _lora_modules(m).items()}
+
+
+def _numpy(tensor):
+    """A float32 numpy copy of a tensor (gathered when sharded). The copy is made by torch first: `.numpy()`
+    pins the storage it views, and FSDP2 must be able to free a gathered weight's storage later."""
+    return _whole(tensor.detach()).float().cpu().clone().numpy()
 
 
 def make_optimizer(m, learning_rate, name="adam", **settings):
@@ -409,28 +451,37 @@ def make_optimizer(m, learning_rate, name="adam", **settings):
         params = [{"params": [p for p in params if id(p) not in lora]},
                   {"params": [p for p in params if id(p) in lora], "transposed": True}]
     if name in optim.CLASSES:
-        return optim.CLASSES[name](params, lr=learning_rate, **settings)
-    kind = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    try:   # one kernel per tensor instead of a dozen small ops (CPUs and GPUs)
-        return kind(params, lr=learning_rate, fused=True, **settings)
-    except RuntimeError:
-        return kind(params, lr=learning_rate, **settings)
+        optimizer = optim.CLASSES[name](params, lr=learning_rate, **settings)
+    else:
+        kind = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        try:   # one kernel per tensor instead of a dozen small ops (CPUs and GPUs)
+            optimizer = kind(params, lr=learning_rate, fused=not m.sharded, **settings)
+        except RuntimeError:
+            optimizer = kind(params, lr=learning_rate, **settings)
+    optimizer.tunelab_names = _trained_names(m)
+    return optimizer
 
 
 def _trained_names(m):
-    """{id(tensor): name} of the trained tensors, the keys of their optimizer state in a checkpoint."""
+    """{id(tensor): name} of the trained tensors, the keys of their optimizer state in a checkpoint; taken when
+    the optimizer is made (FSDP2 registers other tensors under the same names while a block is gathered)."""
     return {id(p): n for n, p in m.model.named_parameters() if p.requires_grad}
+
+
+def _names(m, optimizer):
+    return getattr(optimizer, "tunelab_names", None) or _trained_names(m)
 
 
 def training_state(m, optimizer):
     """What a resumed run needs besides the adapter, as numpy arrays: Adam's moments and step count of
     each trained tensor (by name) and the random generators' states (dropout)."""
-    names = _trained_names(m)
+    names = _names(m, optimizer)
     out = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
-                out[f"optimizer/{names[id(p)]}/{key}"] = torch.as_tensor(value).detach().cpu().numpy().copy()
+                value = _whole(value) if torch.is_tensor(value) else value
+                out[f"optimizer/{names[id(p)]}/{key}"] = torch.as_tensor(value).detach().cpu().clone().numpy()
     out["rng/torch"] = torch.get_rng_state().numpy().copy()
     if m.device.type == "cuda":
         out["rng/cuda"] = torch.cuda.get_rng_state(m.device).numpy().copy()
@@ -441,7 +492,7 @@ def load_training_state(m, optimizer, arrays):
     """Put `training_state`'s arrays back into the optimizer and the random generators."""
     state = optimizer.state_dict()
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    names = _trained_names(m)
+    names = _names(m, optimizer)
     restored = {}
     for i, p in enumerate(params):
         prefix = f"optimizer/{names[id(p)]}/"
@@ -621,7 +672,7 @@ def train_step(m, optimizer, batches, learning_rate=None, max_grad_norm=None):
         total = int(reduce_sum(m, [total])[0])
     replays = _replays(m)
     loss_sum = 0.0
-    if replays is not None or distributed:   # gradients added into tensors that stay in place / are summed
+    if replays is not None or (distributed and not m.sharded):   # gradients added into tensors that stay / are summed
         for p in m.model.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -632,14 +683,19 @@ def train_step(m, optimizer, batches, learning_rate=None, max_grad_norm=None):
             loss_sum += float(_replayed_loss(m, replays, batch, total)) * total
             continue
         losses, _ = _token_losses(m, batch)
-        (losses.sum() / total).backward()
+        (losses.sum() * (m.world.size if m.sharded else 1) / total).backward()
         loss_sum += float(losses.detach().sum())
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if distributed:
-        _reduce_gradients(m, grads)
+        if not m.sharded:      # FSDP2 has already summed each sharded gradient over the processes
+            _reduce_gradients(m, grads)
         loss_sum = reduce_sum(m, [loss_sum])[0]
     value = loss_sum / total
-    norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()))
+    if m.sharded:              # the norm of the whole gradient, from every process's shards
+        norm = reduce_sum(m, [sum(float(_local(g).float().square().sum()) for g in grads)])[0] ** 0.5
+        grads = [_local(g) for g in grads]
+    else:
+        norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()))
     finite = bool(np.isfinite(value)) and bool(np.isfinite(norm))
     if finite:   # a step with a non-finite loss or gradient changes nothing
         if max_grad_norm is not None and norm > max_grad_norm:
@@ -648,7 +704,7 @@ def train_step(m, optimizer, batches, learning_rate=None, max_grad_norm=None):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate
         optimizer.step()
-    optimizer.zero_grad(set_to_none=replays is None and not distributed)
+    optimizer.zero_grad(set_to_none=replays is None and (not distributed or m.sharded))
     return StepResult(value, total, finite, norm)
 
 
