@@ -36,8 +36,10 @@ ADAPTER_FILES = (adapters.PEFT_WEIGHTS, adapters.MLX_WEIGHTS, adapters.CONFIG)
 
 # Options that may differ between a checkpoint and the run that resumes it: they change nothing of
 # the training computation or its files.
+# A run folder moved elsewhere resumes there (adapter_path), and data read from another folder is the same data
+# when its files' hashes are the checkpoint's (compared on their own).
 RESUMABLE_CHANGES = {"train", "test", "test_batches", "resume", "resume_adapter_file", "keep_checkpoints",
-                     "save_every", "skip_invalid", "device"}
+                     "save_every", "skip_invalid", "device", "adapter_path", "data"}
 
 
 class RunLock:

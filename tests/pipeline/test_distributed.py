@@ -102,7 +102,7 @@ def test_a_checkpoint_of_two_processes_resumes_in_one(tiny_llama, data, tmp_path
     assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
     finished = tmp_path / "finished"
     shutil.copytree(two, finished)
-    resumed = two                      # resumed where it ran (the run folder is one of the options)
+    resumed = two
     shutil.rmtree(resumed / "checkpoints" / "step-0000006")
     assert checkpoints.committed(resumed)[-1].name == "step-0000003"
     opts = LoraOptions(model=str(tiny_llama), data=str(data), train=True, mask_prompt=True, iters=6, batch_size=4,

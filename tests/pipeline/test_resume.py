@@ -432,3 +432,21 @@ def test_two_processes_into_one_folder_one_is_refused_and_the_other_finishes_int
         pytest.skip("the first run finished before the second started")
     assert second.returncode == 2 and f"pid {first.pid}" in second.stderr
     assert_same(run, root / "plain", separate_processes=True)
+
+
+def test_a_run_folder_moved_elsewhere_resumes_there_with_its_data_moved_too(tiny_llama, data, tmp_path,
+                                                                             monkeypatch, references):
+    import shutil
+
+    root, settings = references
+    restore = crash_at(monkeypatch, 16)
+    with pytest.raises(Crash):
+        train.lora(options(tiny_llama, data, tmp_path / "run"), log=quiet)
+    restore()
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    shutil.copytree(data, tmp_path / "data-copy")
+    train.lora(options(tiny_llama, tmp_path / "data-copy", tmp_path / "moved", resume=True), log=quiet)
+    assert_same(tmp_path / "moved", root / "plain")
+    (tmp_path / "data-copy" / "train.jsonl").write_text((data / "valid.jsonl").read_text())
+    with pytest.raises(UserError, match="train.jsonl: changed since the checkpoint"):
+        train.lora(options(tiny_llama, tmp_path / "data-copy", tmp_path / "moved", resume=True), log=quiet)
