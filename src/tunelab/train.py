@@ -457,14 +457,6 @@ def _train(engine, model, model_dir, opts, resume_from, log):
     engine.attach_lora(model, spec, seed=opts.seed)
     if opts.grad_checkpoint:
         engine.grad_checkpoint(model)
-    if opts.shard and resume_from is None and opts.resume_adapter_file:
-        engine.set_adapter(model, spec, _start_weights(opts.resume_adapter_file, spec))
-        opts = dataclasses.replace(opts, resume_adapter_file=None)   # its weights are in, before the sharding
-        log("Started from the adapter weights given (fresh optimizer, step 0)")
-    if opts.shard:
-        engine.shard(model)
-        log(f"Sharding: every block's weights split over the {distributed.of(model).size} processes (FSDP2); "
-            "each block gathered for its own forward and backward")
     run_dir = Path(opts.adapter_path)
     data_files = _data_files(opts)
     resume = None
@@ -476,6 +468,10 @@ def _train(engine, model, model_dir, opts, resume_from, log):
     elif opts.resume_adapter_file:
         engine.set_adapter(model, spec, _start_weights(opts.resume_adapter_file, spec))
         log(f"Starting from the adapter weights in {opts.resume_adapter_file} (fresh optimizer, step 0)")
+    if opts.shard:   # after the adapter's weights are in: sharding splits the tensors they went into
+        engine.shard(model)
+        log(f"Sharding: every block's weights split over the {distributed.of(model).size} processes (FSDP2); "
+            "each block gathered for its own forward and backward")
     if resume is None and distributed.of(model).main:
         runs.write_manifest(run_dir, dataclasses.asdict(opts), {"engine": engine.name, "device": str(model.device),
                             "dtype": str(model.dtype).split(".")[-1]}, model_dir, data_files)
@@ -591,7 +587,7 @@ def lora(opts, log=print):
     check_options(opts)
     if opts.nproc and world.size == 1:
         return _launch(opts, log)
-    if opts.shard and not opts.nproc:
+    if opts.shard:
         _check_shard(opts, world)
     if world.size > 1:
         _join(opts, world)
@@ -602,7 +598,7 @@ def lora(opts, log=print):
                 Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tunelab-data-"))) / HUB_DATA
             source = {"hf_dataset": opts.hf_dataset, "data_id": None if opts.hf_dataset else opts.data}
             opts = dataclasses.replace(opts, data=str(folder))
-        result = _lora(opts, log, source if _from_hub(opts) else None)
+        result = _lora(opts, log, source if _from_hub(opts) else None, world)
     if world.size > 1:
         _engine_of(world).finish_distributed()
     return result
@@ -683,8 +679,7 @@ def _everyone(world, work):
     return value
 
 
-def _lora(opts, log, source):
-    world = distributed.from_env()
+def _lora(opts, log, source, world):
     created = not Path(opts.adapter_path).exists()
 
     held = {"lock": None}    # rank 0 holds the run folder's lock
